@@ -1,0 +1,195 @@
+"""Frozen model configs, read from (and written to) the diffusers / transformers `config.json` files."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C", bound="JsonConfig")
+
+
+class JsonConfig:
+    """Mixin: build a frozen dataclass from a config dict, ignoring the keys it does not know."""
+
+    @classmethod
+    def from_dict(cls: type[C], d: dict[str, Any]) -> C:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls: type[C], path: str | Path) -> C:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path} is missing: a model folder needs its config.json") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON ({e}): re-download or fix the file") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        class_name = getattr(self, "class_name", None)
+        if class_name:
+            d = {"_class_name": class_name, **d}
+        return d
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TransformerConfig(JsonConfig):
+    """PixArt-α DiT (diffusers `PixArtTransformer2DModel` config.json)."""
+
+    class_name = "PixArtTransformer2DModel"
+    sample_size: int = 128  # latent size the model was trained at (1024 px / 8)
+    num_attention_heads: int = 16
+    attention_head_dim: int = 72
+    in_channels: int = 4
+    out_channels: int | None = 8  # 8 = ε + learned variance
+    num_layers: int = 28
+    patch_size: int = 2
+    cross_attention_dim: int | None = 1152
+    caption_channels: int | None = 4096
+    norm_eps: float = 1e-6
+    norm_elementwise_affine: bool = False
+    attention_bias: bool = True
+    activation_fn: str = "gelu-approximate"
+    num_embeds_ada_norm: int | None = 1000
+    norm_type: str = "ada_norm_single"
+    interpolation_scale: float | None = None
+    use_additional_conditions: bool | None = None
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def pe_interpolation(self) -> float:
+        """diffusers: the config value, else max(sample_size // 64, 1)."""
+        if self.interpolation_scale is not None:
+            return self.interpolation_scale
+        return max(self.sample_size // 64, 1)
+
+    @property
+    def micro_conditions(self) -> bool:
+        """Resolution and aspect-ratio embeddings: on for sample_size 128 unless the config says."""
+        if self.use_additional_conditions is not None:
+            return self.use_additional_conditions
+        return self.sample_size == 128
+
+    @property
+    def learned_sigma(self) -> bool:
+        return (self.out_channels or self.in_channels) == 2 * self.in_channels
+
+
+@dataclass(frozen=True)
+class T5Config(JsonConfig):
+    """T5 encoder (transformers `T5Config`; T5 v1.1 XXL by default)."""
+
+    class_name = None
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    torch_dtype: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"architectures": ["T5EncoderModel"], "model_type": "t5", **super().to_dict()}
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        """'gelu_new' (tanh GELU) for gated-gelu as transformers maps it, else the named function."""
+        act = self.feed_forward_proj.split("-")[-1]
+        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
+
+
+@dataclass(frozen=True)
+class VAEConfig(JsonConfig):
+    """AutoencoderKL (diffusers config.json; sd-vae-ft-ema by default)."""
+
+    class_name = "AutoencoderKL"
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",) * 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 512
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(JsonConfig):
+    """Union of the fields of the diffusers schedulers we implement; `class_name` picks the sampler."""
+
+    class_name: str = "DPMSolverMultistepScheduler"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+    rescale_betas_zero_snr: bool = False
+    # DPM-Solver++
+    solver_order: int = 2
+    algorithm_type: str = "dpmsolver++"
+    solver_type: str = "midpoint"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    final_sigmas_type: str = "zero"
+    use_karras_sigmas: bool = False
+    thresholding: bool = False
+    # DDIM / LCM
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = True
+    original_inference_steps: int = 50
+    timestep_scaling: float = 10.0
+    # Euler
+    interpolation_type: str = "linear"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SchedulerConfig":
+        cfg = super().from_dict(d)
+        return dataclasses.replace(cfg, class_name=d.get("_class_name", cfg.class_name))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {"_class_name": d.pop("class_name"), **d}
+
+
+# The published PixArt-α transformers (Hub ids under PixArt-alpha/); the 256 model sets its pe interpolation.
+PRESETS: dict[str, TransformerConfig] = {
+    "PixArt-XL-2-1024-MS": TransformerConfig(sample_size=128),
+    "PixArt-XL-2-512x512": TransformerConfig(sample_size=64),
+    "PixArt-XL-2-256x256": TransformerConfig(sample_size=32, interpolation_scale=0.5),
+    "PixArt-LCM-XL-2-1024-MS": TransformerConfig(sample_size=128),
+}

@@ -1,0 +1,1 @@
+"""Reading checkpoint files, mapping their keys, and resolving Hub ids."""

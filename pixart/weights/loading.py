@@ -1,0 +1,118 @@
+"""Build a model on the meta device and fill it from lazily read tensors, strictly, casting once."""
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .files import Lazy, WeightsError, lazy_tensors, weight_files
+from .hub import resolve
+
+
+def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size | None], source: str) -> None:
+    """Raise a WeightsError listing every missing, unexpected and mis-shaped key (shape None: not checked)."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(found[k])} vs model {tuple(expected[k])}"
+        for k in expected.keys() & found.keys()
+        if found[k] is not None and tuple(found[k]) != tuple(expected[k])
+    )
+    if not (missing or unexpected or shapes):
+        return
+    parts = [f"the weights in {source} do not fit the model config"]
+    for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if keys:
+            shown = "\n    ".join(keys[:20]) + (f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else "")
+            parts.append(f"  {title} ({len(keys)}):\n    {shown}")
+    parts.append("  Fix: check that config.json belongs to these weights, or re-download the model.")
+    raise WeightsError("\n".join(parts))
+
+
+def load_into(
+    build: Callable[[], nn.Module],
+    tensors: dict[str, Lazy],
+    source: str,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    keep_fp32: tuple[str, ...] = (),
+) -> nn.Module:
+    """Build on meta, check the keys, then read, cast and assign one tensor at a time."""
+    with torch.device("meta"):
+        model = build()
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    found = {k: getattr(lazy, "shape", None) for k, lazy in tensors.items()}
+    check_keys(expected, found, source)
+    loaded: dict[str, torch.Tensor] = {}
+    for key in expected:
+        t = tensors[key]()
+        if tuple(t.shape) != tuple(expected[key]):
+            check_keys(expected, {**found, key: t.shape}, source)
+        target = dtype
+        if dtype == torch.float16 and any(fnmatch.fnmatch(key, p) for p in keep_fp32):
+            target = torch.float32
+        loaded[key] = t.to(device=device, dtype=target if target is not None and t.is_floating_point() else t.dtype)
+    model.load_state_dict(loaded, strict=True, assign=True)
+    return model.eval()
+
+
+class PretrainedModel(nn.Module):
+    """from_pretrained / save_pretrained for a module built from a frozen config dataclass."""
+
+    config_class: ClassVar[type]
+    weights_name: ClassVar[str] = "diffusion_pytorch_model.safetensors"
+    keep_fp32: ClassVar[tuple[str, ...]] = ()  # parameter patterns kept in fp32 when loading in fp16
+
+    config: Any
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        variant: str | None = None,
+        **config_overrides: Any,
+    ):
+        """Load from a model folder (or a pipeline folder + subfolder, or a Hub id)."""
+        folder = resolve(path_or_id, subfolder)
+        config = cls.config_class.from_json(folder / "config.json")
+        if config_overrides:
+            config = config.replace(**config_overrides)
+        files = weight_files(folder, variant)
+        return cls.from_state(config, cls.map_keys(lazy_tensors(files)), str(folder), torch_dtype, device)
+
+    @classmethod
+    def map_keys(cls, tensors: dict[str, Lazy]) -> dict[str, Lazy]:
+        """Rename the keys of other layouts of this model's files to ours (identity by default)."""
+        return tensors
+
+    @classmethod
+    def from_state(cls, config: Any, tensors: dict[str, Lazy], source: str = "the state dict",
+                   torch_dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+        """Load from key -> lazy tensor in this model's own key names."""
+        return load_into(lambda: cls(config), tensors, source, torch_dtype, device, cls.keep_fp32)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write config.json and the weights as safetensors (diffusers / transformers layout)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder / "config.json")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tmp = folder / (self.weights_name + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / self.weights_name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
