@@ -5,8 +5,13 @@ import os
 from pathlib import Path
 
 
-def resolve(path_or_id: str | os.PathLike, subfolder: str | None = None) -> Path:
-    """A local folder for `path_or_id`; Hub ids come from the cache, or are downloaded when online."""
+def resolve(
+    path_or_id: str | os.PathLike, subfolder: str | None = None, components: list[str] | None = None, **hub_kwargs
+) -> Path:
+    """A local folder for `path_or_id`; Hub ids come from the cache, or are downloaded when online.
+
+    Only the files we read are fetched: the configs, safetensors weights and tokenizer files of `components`
+    (or of `subfolder`, or of the whole repository)."""
     local = Path(path_or_id).expanduser()
     if local.exists():
         return local / subfolder if subfolder else local
@@ -16,13 +21,19 @@ def resolve(path_or_id: str | os.PathLike, subfolder: str | None = None) -> Path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = [f"{subfolder}/*"] if subfolder else None
-    patterns = patterns + ["model_index.json"] if patterns else None
+    folders = [subfolder] if subfolder else components
+    prefixes = [f"{f}/" for f in folders] if folders else [""]
+    patterns = ["model_index.json"] + [p + ext for p in prefixes for ext in ("*.json", "*.safetensors", "*.model")]
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+
+    def snapshot(**kw) -> Path:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, **hub_kwargs, **kw))
+
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        folder = snapshot(local_files_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError):
         try:
-            folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+            folder = snapshot()
         except RepositoryNotFoundError:
             raise FileNotFoundError(f"{repo_id} is not a model on the Hugging Face Hub (check the spelling)") from None
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:

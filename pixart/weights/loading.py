@@ -42,7 +42,8 @@ def load_into(
     device: str | torch.device = "cpu",
     keep_fp32: tuple[str, ...] = (),
 ) -> nn.Module:
-    """Build on meta, check the keys, then read, cast and assign one tensor at a time."""
+    """Build on meta, check the keys, then read, cast (default fp32) and assign one tensor at a time."""
+    dtype = dtype or torch.float32
     with torch.device("meta"):
         model = build()
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -53,12 +54,14 @@ def load_into(
         t = tensors[key]()
         if tuple(t.shape) != tuple(expected[key]):
             check_keys(expected, {**found, key: t.shape}, source)
-        target = dtype
-        if dtype == torch.float16 and any(fnmatch.fnmatch(key, p) for p in keep_fp32):
-            target = torch.float32
-        loaded[key] = t.to(device=device, dtype=target if target is not None and t.is_floating_point() else t.dtype)
+        target = torch.float32 if _keeps_fp32(key, dtype, keep_fp32) else dtype
+        loaded[key] = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
     model.load_state_dict(loaded, strict=True, assign=True)
     return model.eval()
+
+
+def _keeps_fp32(key: str, dtype: torch.dtype, keep_fp32: tuple[str, ...]) -> bool:
+    return dtype == torch.float16 and any(fnmatch.fnmatch(key, p) for p in keep_fp32)
 
 
 class PretrainedModel(nn.Module):
@@ -108,6 +111,13 @@ class PretrainedModel(nn.Module):
         tmp = folder / (self.weights_name + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, folder / self.weights_name)
+
+    def cast(self, dtype: torch.dtype) -> "PretrainedModel":
+        """Cast the floating-point parameters to dtype, keeping `keep_fp32` ones in fp32 for fp16."""
+        for key, p in self.named_parameters():
+            target = torch.float32 if _keeps_fp32(key, dtype, self.keep_fp32) else dtype
+            p.data = p.data.to(target)
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
