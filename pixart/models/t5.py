@@ -48,7 +48,8 @@ def relative_position_bucket(rel: torch.Tensor, num_buckets: int, max_distance: 
     exact = half // 2
     dist = rel.abs()
     # clamp(min=exact) only avoids log(0): those small distances take the exact branch below
-    far = exact + (torch.log(dist.clamp(min=exact).float() / exact) / math.log(max_distance / exact) * (half - exact)).long()
+    log_ratio = torch.log(dist.clamp(min=exact).float() / exact) / math.log(max_distance / exact)
+    far = exact + (log_ratio * (half - exact)).long()
     return (rel > 0).long() * half + torch.where(dist < exact, dist, far.clamp(max=half - 1))
 
 
@@ -79,7 +80,8 @@ class FeedForward(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
         if config.activation not in ACTIVATIONS:
-            raise ValueError(f"feed_forward_proj {config.feed_forward_proj!r} is not supported (known: {list(ACTIVATIONS)})")
+            raise ValueError(f"feed_forward_proj {config.feed_forward_proj!r}: activation {config.activation!r} is "
+                             f"not one of {list(ACTIVATIONS)}")
         self.act = ACTIVATIONS[config.activation]
         self.gated = config.is_gated
         if self.gated:
