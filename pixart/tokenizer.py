@@ -179,7 +179,7 @@ def _spiece_special_tokens(folder: Path, config: dict, special_map: dict, sp: An
     return special
 
 
-def log_truncation(tokenizer: T5Tokenizer, texts: Sequence[str], max_length: int) -> list[str]:
+def warn_truncated(tokenizer: T5Tokenizer, texts: Sequence[str], max_length: int) -> list[str]:
     """The text each prompt loses to `max_length` tokens ("" when none), logged as diffusers does."""
     rows = tokenizer(list(texts), max_length=None, padding=False, truncation=False, return_tensors=None).input_ids
     dropped = [tokenizer.decode(ids[max_length - 1:-1]) if len(ids) > max_length else "" for ids in rows]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pixart import tokenizer as tokenizer_module
-from pixart.tokenizer import T5Tokenizer, clean_caption_once, log_truncation, preprocess_prompt
+from pixart.tokenizer import T5Tokenizer, clean_caption_once, warn_truncated, preprocess_prompt
 
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
@@ -139,7 +139,7 @@ def test_truncation_log_names_the_dropped_text(folders, hf, caplog):
     tok = T5Tokenizer.from_pretrained(folders["sentencepiece"][0])
     texts = [preprocess_prompt(t, clean_caption=False) for t in PROMPTS]
     with caplog.at_level(logging.WARNING, logger="pixart"):
-        dropped = log_truncation(tok, texts, max_length=120)
+        dropped = warn_truncated(tok, texts, max_length=120)
     # what diffusers logs: the ids past max_length - 1, without `</s>` (the tiny vocabulary truncates several)
     expected = [hf.decode(ids[119:-1]) if len(ids) > 120 else "" for ids in hf(texts).input_ids]
     assert dropped == expected
