@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pixart import tokenizer as tokenizer_module
-from pixart.tokenizer import T5Tokenizer, clean_caption_once, warn_truncated, preprocess_prompt
+from pixart.tokenizer import T5Tokenizer, clean_caption_once, preprocess_prompt, warn_truncated
 
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
