@@ -113,7 +113,7 @@ def _check_safetensors_size(path: Path, size: int) -> None:
 def _torch_file(path: Path, use_ema: bool) -> dict[str, Lazy]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         raise WeightsError(f"{path} is truncated, corrupted or not a PyTorch checkpoint ({e}): download it again") from None
     if isinstance(obj, dict):
         for name in (("state_dict_ema", "state_dict") if use_ema else ("state_dict",)) + ("model", "module"):

@@ -1,0 +1,159 @@
+"""Weight files in every layout load; every broken one fails with an error that names the problem and the fix."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pixart.models.t5 import T5EncoderModel
+from pixart.weights.files import WeightsError
+from pixart.weights.hub import resolve
+
+
+@pytest.fixture(scope="module")
+def t5_folder(tmp_path_factory):
+    """A tiny T5 encoder saved by transformers, and its outputs for reference."""
+    from transformers import T5Config
+    from transformers import T5EncoderModel as Reference
+
+    torch.manual_seed(0)
+    ref = Reference(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                             feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
+    folder = tmp_path_factory.mktemp("t5") / "text_encoder"
+    ref.save_pretrained(folder)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        expected = ref(ids).last_hidden_state
+    return folder, ids, expected
+
+
+def copy_folder(src, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_sharded_safetensors_with_index_load(t5_folder, tmp_path):
+    from transformers import T5EncoderModel as Reference
+
+    folder, ids, expected = t5_folder
+    sharded = tmp_path / "sharded"
+    Reference.from_pretrained(folder).save_pretrained(sharded, max_shard_size="20KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    model = T5EncoderModel.from_pretrained(sharded)
+    assert torch.allclose(model(ids)[0], expected, atol=1e-5)
+
+
+def test_pytorch_bin_loads_through_weights_only_torch_load(t5_folder, tmp_path):
+    folder, ids, expected = t5_folder
+    binned = copy_folder(folder, tmp_path)
+    state = load_file(binned / "model.safetensors")
+    (binned / "model.safetensors").unlink()
+    torch.save(state, binned / "pytorch_model.bin")
+    model = T5EncoderModel.from_pretrained(binned)
+    assert torch.allclose(model(ids)[0], expected, atol=1e-5)
+
+
+def test_missing_key_is_listed(t5_folder, tmp_path):
+    folder, _, _ = t5_folder
+    broken = copy_folder(folder, tmp_path)
+    state = load_file(broken / "model.safetensors")
+    del state["encoder.final_layer_norm.weight"]
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"missing keys \(1\):\s+encoder.final_layer_norm.weight"):
+        T5EncoderModel.from_pretrained(broken)
+
+
+def test_wrong_shape_is_listed_with_both_shapes(t5_folder, tmp_path):
+    folder, _, _ = t5_folder
+    broken = copy_folder(folder, tmp_path)
+    config = json.loads((broken / "config.json").read_text())
+    config["d_ff"] = 48  # the config no longer fits the weights
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=r"(?s)shape mismatches.*wi_0.weight: checkpoint \(64, 32\) vs model \(48, 32\)"):
+        T5EncoderModel.from_pretrained(broken)
+
+
+def test_unexpected_key_is_listed(t5_folder, tmp_path):
+    folder, _, _ = t5_folder
+    broken = copy_folder(folder, tmp_path)
+    state = load_file(broken / "model.safetensors")
+    state["decoder.block.0.layer.0.SelfAttention.q.weight"] = torch.zeros(2, 2)
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"unexpected keys \(1\):\s+decoder.block.0"):
+        T5EncoderModel.from_pretrained(broken)
+
+
+def test_truncated_safetensors_says_download_again(t5_folder, tmp_path):
+    folder, _, _ = t5_folder
+    broken = copy_folder(folder, tmp_path)
+    path = broken / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="(?s)truncated.*download it again"):
+        T5EncoderModel.from_pretrained(broken)
+
+
+def test_truncated_header_says_corrupted(t5_folder, tmp_path):
+    folder, _, _ = t5_folder
+    broken = copy_folder(folder, tmp_path)
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(WeightsError, match="truncated or corrupted"):
+        T5EncoderModel.from_pretrained(broken)
+
+
+def test_truncated_bin_says_corrupted(t5_folder, tmp_path):
+    folder, _, _ = t5_folder
+    broken = copy_folder(folder, tmp_path)
+    state = load_file(broken / "model.safetensors")
+    (broken / "model.safetensors").unlink()
+    torch.save(state, broken / "pytorch_model.bin")
+    data = (broken / "pytorch_model.bin").read_bytes()
+    (broken / "pytorch_model.bin").write_bytes(data[: len(data) // 3])
+    with pytest.raises(WeightsError, match="truncated, corrupted or not a PyTorch checkpoint"):
+        T5EncoderModel.from_pretrained(broken)
+
+
+def test_missing_shard_is_named(t5_folder, tmp_path):
+    from transformers import T5EncoderModel as Reference
+
+    folder, _, _ = t5_folder
+    sharded = tmp_path / "sharded"
+    Reference.from_pretrained(folder).save_pretrained(sharded, max_shard_size="20KB")
+    victim = sorted(sharded.glob("model-*.safetensors"))[-1]
+    victim.unlink()
+    with pytest.raises(WeightsError, match=f"missing.*{victim.name}"):
+        T5EncoderModel.from_pretrained(sharded)
+
+
+def test_folder_without_weights_lists_what_it_holds(t5_folder, tmp_path):
+    folder, _, _ = t5_folder
+    empty = copy_folder(folder, tmp_path)
+    (empty / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="(?s)no weights found.*config.json"):
+        T5EncoderModel.from_pretrained(empty)
+
+
+def test_missing_config_names_the_file(t5_folder, tmp_path):
+    folder, _, _ = t5_folder
+    broken = copy_folder(folder, tmp_path)
+    (broken / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        T5EncoderModel.from_pretrained(broken)
+
+
+def test_unknown_hub_id_offline_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="(?s)not in the local Hugging Face cache.*Fix: connect to the network"):
+        resolve("PixArt-alpha/No-Such-Model-Here")
+
+
+def test_bf16_load_never_holds_fp32_parameters(t5_folder):
+    folder, ids, expected = t5_folder
+    model = T5EncoderModel.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert (model(ids)[0].float() - expected).abs().max() < 0.1
