@@ -148,6 +148,13 @@ class VAEConfig(JsonConfig):
 class SchedulerConfig(JsonConfig):
     """Union of the fields of the diffusers schedulers we implement; `class_name` picks the sampler."""
 
+    # diffusers' own defaults where a class differs from DPM-Solver's, for keys a config.json leaves out
+    class_defaults = {
+        "DDIMScheduler": {"clip_sample": True, "timestep_spacing": "leading"},
+        "LCMScheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                         "timestep_spacing": "leading"},
+    }
+
     class_name: str = "DPMSolverMultistepScheduler"
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -158,6 +165,7 @@ class SchedulerConfig(JsonConfig):
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
+    thresholding: bool = False
     # DPM-Solver++
     solver_order: int = 2
     algorithm_type: str = "dpmsolver++"
@@ -165,8 +173,14 @@ class SchedulerConfig(JsonConfig):
     lower_order_final: bool = True
     euler_at_final: bool = False
     final_sigmas_type: str = "zero"
+    lambda_min_clipped: float = -float("inf")
+    variance_type: str | None = None
+    use_lu_lambdas: bool = False
+    # DPM-Solver++ and Euler
     use_karras_sigmas: bool = False
-    thresholding: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    use_flow_sigmas: bool = False
     # DDIM / LCM
     clip_sample: bool = False
     clip_sample_range: float = 1.0
@@ -175,11 +189,15 @@ class SchedulerConfig(JsonConfig):
     timestep_scaling: float = 10.0
     # Euler
     interpolation_type: str = "linear"
+    timestep_type: str = "discrete"
+    sigma_min: float | None = None
+    sigma_max: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SchedulerConfig":
-        cfg = super().from_dict(d)
-        return dataclasses.replace(cfg, class_name=d.get("_class_name", cfg.class_name))
+        class_name = d.get("_class_name", d.get("class_name", cls.class_name))
+        cfg = super().from_dict({**cls.class_defaults.get(class_name, {}), **d})
+        return dataclasses.replace(cfg, class_name=class_name)
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

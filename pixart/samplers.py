@@ -1,0 +1,408 @@
+"""Noise schedules, timesteps and the samplers as pure functions, numerically equal to diffusers' schedulers.
+
+A sampler is `sample_x(config, model_fn, x, timesteps, *, generator=None, callback=None) -> x`: it runs the whole
+loop, calling `model_fn(x_in, t)` for the model's prediction (of `config.prediction_type`) at each timestep.
+Every scalar is computed with the same operations and dtypes as the diffusers scheduler of `config.class_name`
+(0-dim float32 tensors, float64 where it uses numpy), so results match it in fp32 and bf16 alike.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .configs import SchedulerConfig
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+# Options of the diffusers schedulers that we implement → the values we support.
+SUPPORTED_OPTIONS = {
+    "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "prediction_type": ("epsilon", "v_prediction", "sample"),
+    "timestep_spacing": ("linspace", "leading", "trailing"),
+    "algorithm_type": ("dpmsolver++",),
+    "solver_type": ("midpoint", "heun"),
+    "solver_order": (1, 2),
+    "final_sigmas_type": ("zero", "sigma_min"),
+    "interpolation_type": ("linear",),
+    "timestep_type": ("discrete",),
+    "variance_type": (None,),
+    "thresholding": (False,),
+    "rescale_betas_zero_snr": (False,),
+    "use_lu_lambdas": (False,),
+    "use_exponential_sigmas": (False,),
+    "use_beta_sigmas": (False,),
+    "use_flow_sigmas": (False,),
+}
+F64 = torch.float64
+
+
+def _check(config: SchedulerConfig) -> None:
+    if config.class_name not in SAMPLERS:
+        raise ValueError(f"scheduler {config.class_name!r} is not supported: use one of {', '.join(SAMPLERS)}")
+    for name, values in SUPPORTED_OPTIONS.items():
+        if getattr(config, name) not in values:
+            raise ValueError(f"{config.class_name} option {name}={getattr(config, name)!r} is not supported "
+                             f"by pixart's samplers (supported: {', '.join(map(repr, values))})")
+
+
+def _cosine_betas(n: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas of the cosine schedule ᾱ(t) = cos²((t + 0.008) / 1.008 · π/2) (Nichol & Dhariwal 2021)."""
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    return torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)])
+
+
+def noise_schedule(config: SchedulerConfig) -> torch.Tensor:
+    """ᾱ_t, the (num_train_timesteps,) float32 cumulative product of 1 - β_t, as diffusers computes it."""
+    n = config.num_train_timesteps
+    if config.trained_betas is not None:
+        betas = torch.tensor(config.trained_betas, dtype=torch.float32)
+    elif config.beta_schedule == "linear":
+        betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float32)
+    elif config.beta_schedule == "scaled_linear":  # the latent-diffusion schedule, linear in sqrt(β)
+        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
+    elif config.beta_schedule == "squaredcos_cap_v2":
+        betas = _cosine_betas(n)
+    else:
+        raise ValueError(f"beta_schedule {config.beta_schedule!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_OPTIONS['beta_schedule'])})")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def _train_sigmas(config: SchedulerConfig) -> torch.Tensor:
+    """σ_t = sqrt((1 - ᾱ_t) / ᾱ_t), float32, the noise level of each training timestep."""
+    ac = noise_schedule(config)
+    return ((1 - ac) / ac) ** 0.5
+
+
+def randn_tensor(shape: Sequence[int], generator: torch.Generator | list[torch.Generator] | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gaussian noise drawn as diffusers' randn_tensor draws it: on the generator's device, one draw per item for a list."""
+    device = torch.device(device or "cpu")
+    if isinstance(generator, list) and len(generator) == 1:
+        generator = generator[0]
+    gen_device = (generator[0] if isinstance(generator, list) else generator).device if generator is not None else device
+    if gen_device.type != device.type and gen_device.type != "cpu":
+        raise ValueError(f"cannot draw a {device.type} tensor from a {gen_device.type} generator")
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: pass one per item or a single one")
+        item = (1, *shape[1:])
+        noise = torch.cat([torch.randn(item, generator=g, device=gen_device, dtype=dtype) for g in generator])
+    else:
+        noise = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype)
+    return noise.to(device)
+
+
+def _linspace(start: float, stop: float, num: int, endpoint: bool = True) -> torch.Tensor:
+    """float64 numpy.linspace, bit for bit: i·step + start, the endpoint set exactly."""
+    div = num - 1 if endpoint else num
+    y = torch.arange(num, dtype=F64)
+    y = y * ((stop - start) / div) + start if div > 0 else y + start
+    if endpoint and num > 1:
+        y[-1] = stop
+    return y
+
+
+def _arange(start: float, stop: float, step: float) -> torch.Tensor:
+    """float64 numpy.arange, bit for bit: start + i·((start + step) - start) after the first two values."""
+    num = max(math.ceil((stop - start) / step), 0)
+    y = start + torch.arange(num, dtype=F64) * ((start + step) - start)
+    if num > 1:
+        y[1] = start + step
+    return y
+
+
+def _interp(t: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """numpy.interp(t, arange(len(fp)), fp) in float64: linear between integer knots, clamped at the ends."""
+    t, fp = t.to(F64), fp.to(F64)
+    j = t.floor().clamp(0, len(fp) - 2).long()
+    slope = fp[j + 1] - fp[j]
+    y = torch.where(t == j, fp[j], slope * (t - j) + fp[j])
+    return torch.where(t <= 0, fp[0], torch.where(t >= len(fp) - 1, fp[-1], y))
+
+
+def _spaced(config: SchedulerConfig, num: int, last: int | None = None) -> torch.Tensor:
+    """`num` descending float64 timesteps over [0, last), spaced as in Table 2 of arXiv 2305.08891 (linspace unrounded)."""
+    last = config.num_train_timesteps if last is None else last
+    if config.timestep_spacing == "linspace":
+        return _linspace(0, last - 1, num).flip(0)
+    if config.timestep_spacing == "leading":
+        return (torch.arange(num, dtype=F64) * (last // num)).round().flip(0) + config.steps_offset
+    # trailing: diffusers steps by num_train_timesteps / num even when `last` is clipped
+    return _arange(last, 0, -config.num_train_timesteps / num).round() - 1
+
+
+def _sigma_to_t(sigmas: torch.Tensor, train_sigmas: torch.Tensor) -> torch.Tensor:
+    """float64 timesteps of noise levels `sigmas`, by interpolating log σ between the training timesteps."""
+    log_train = train_sigmas.log().to(F64)  # (T,), float32 logs as diffusers' np.log of float32
+    log_sigma = sigmas.to(F64).clamp(min=1e-10).log()
+    low = ((log_sigma[None] - log_train[:, None]) >= 0).cumsum(0).argmax(0).clamp(max=len(log_train) - 2)
+    w = ((log_train[low] - log_sigma) / (log_train[low] - log_train[low + 1])).clamp(0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _karras_sigmas(sigma_min: float, sigma_max: float, num: int) -> torch.Tensor:
+    """float64 noise levels evenly spaced in σ^(1/ρ), ρ = 7 (Karras et al. 2022, arXiv 2206.00364, eq. 5)."""
+    rho = 7.0
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv + _linspace(0, 1, num) * (min_inv - max_inv)) ** rho
+
+
+def _dpm_timesteps(config: SchedulerConfig, num: int) -> torch.Tensor:
+    """DPMSolverMultistepScheduler.set_timesteps: num+1 points with t = 0 dropped (but trailing), int64."""
+    train_sigmas = _train_sigmas(config)
+    if config.use_karras_sigmas:
+        t = _sigma_to_t(_karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), num), train_sigmas)
+        return (t if config.beta_schedule == "squaredcos_cap_v2" else t.round()).long()
+    # λ_min_clipped drops the last timesteps whose log-SNR is below it (for the cosine schedule)
+    ac = noise_schedule(config)
+    lambdas = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
+    last = config.num_train_timesteps - int(torch.searchsorted(lambdas.flip(0), config.lambda_min_clipped))
+    if config.timestep_spacing == "trailing":
+        return _spaced(config, num, last).long()
+    return _spaced(config, num + 1, last)[:-1].round().long()
+
+
+def _euler_karras_sigmas(config: SchedulerConfig, num: int) -> torch.Tensor:
+    """Euler's Karras noise levels: between the first and last σ of its spaced timesteps unless the config sets them."""
+    base = _interp(_spaced(config, num).float(), _train_sigmas(config))
+    sigma_min = config.sigma_min if config.sigma_min is not None else base[-1].item()
+    sigma_max = config.sigma_max if config.sigma_max is not None else base[0].item()
+    return _karras_sigmas(sigma_min, sigma_max, num)
+
+
+def _euler_timesteps(config: SchedulerConfig, num: int) -> torch.Tensor:
+    """EulerDiscreteScheduler.set_timesteps, float32 (linspace unrounded; Karras timesteps interpolated from σ)."""
+    if config.use_karras_sigmas:
+        return _sigma_to_t(_euler_karras_sigmas(config, num), _train_sigmas(config)).float()
+    return _spaced(config, num).float()
+
+
+def _ddim_timesteps(config: SchedulerConfig, num: int) -> torch.Tensor:
+    """DDIMScheduler.set_timesteps, int64."""
+    return _spaced(config, num).round().long()
+
+
+def _lcm_timesteps(config: SchedulerConfig, num: int) -> torch.Tensor:
+    """LCMScheduler.set_timesteps: `num` of the distillation timesteps, evenly by index; spacing options are ignored."""
+    steps = config.original_inference_steps
+    if not num <= steps <= config.num_train_timesteps:
+        raise ValueError(f"LCMScheduler: need num_inference_steps {num} <= original_inference_steps {steps} "
+                         f"<= num_train_timesteps {config.num_train_timesteps}")
+    # the distillation's DDIM schedule: k·i - 1 for i = steps..1, k = num_train_timesteps // steps
+    origin = (torch.arange(1, steps + 1) * (config.num_train_timesteps // steps) - 1).flip(0)
+    return origin[_linspace(0, len(origin), num, endpoint=False).floor().long()]
+
+
+def _custom_timesteps(config: SchedulerConfig, timesteps: Sequence[int]) -> torch.Tensor:
+    """Validate and convert user timesteps as the scheduler's set_timesteps(timesteps=...) does."""
+    name = config.class_name
+    if name == "DDIMScheduler":
+        raise ValueError("DDIMScheduler does not support custom timesteps: pass num_inference_steps")
+    if config.use_karras_sigmas:
+        raise ValueError(f"{name} cannot use custom timesteps with use_karras_sigmas = True")
+    if name == "EulerDiscreteScheduler":
+        return torch.tensor([float(t) for t in timesteps], dtype=torch.float32)
+    t = torch.tensor([int(t) for t in timesteps], dtype=torch.int64)
+    if name == "LCMScheduler":
+        if len(t) and t[0] >= config.num_train_timesteps:
+            raise ValueError(f"LCMScheduler: timesteps must start below num_train_timesteps "
+                             f"{config.num_train_timesteps}, got {int(t[0])}")
+        if (t[1:] >= t[:-1]).any():
+            raise ValueError("LCMScheduler: custom timesteps must be in descending order")
+    return t
+
+
+_TIMESTEPS = {"DPMSolverMultistepScheduler": _dpm_timesteps, "DDIMScheduler": _ddim_timesteps,
+              "EulerDiscreteScheduler": _euler_timesteps, "LCMScheduler": _lcm_timesteps}
+
+
+def make_timesteps(config: SchedulerConfig, num_inference_steps: int | None = None,
+                   timesteps: Sequence[int] | None = None) -> torch.Tensor:
+    """The timesteps diffusers' scheduler of `config.class_name` sets: int64, or float32 for Euler."""
+    _check(config)
+    if (num_inference_steps is None) == (timesteps is None):
+        raise ValueError("pass exactly one of num_inference_steps or timesteps")
+    if timesteps is not None:
+        if len(timesteps) == 0:
+            raise ValueError("timesteps is empty")
+        return _custom_timesteps(config, timesteps)
+    if not 1 <= num_inference_steps <= config.num_train_timesteps:
+        raise ValueError(f"num_inference_steps must be between 1 and num_train_timesteps "
+                         f"({config.num_train_timesteps}), got {num_inference_steps}")
+    return _TIMESTEPS[config.class_name](config, num_inference_steps)
+
+
+def _sigmas(config: SchedulerConfig, timesteps: torch.Tensor) -> torch.Tensor:
+    """The (n+1,) float32 noise levels DPM-Solver and Euler pair with `timesteps`, ending at the final sigma."""
+    train_sigmas = _train_sigmas(config)
+    n = len(timesteps)
+    if not config.use_karras_sigmas:
+        sigmas = _interp(timesteps.cpu(), train_sigmas)
+    elif config.class_name == "EulerDiscreteScheduler":
+        sigmas = _euler_karras_sigmas(config, n)  # Karras sigmas are set by n: timesteps were made from them
+    else:
+        sigmas = _karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), n)
+    last = train_sigmas[:1].to(F64) if config.final_sigmas_type == "sigma_min" else torch.zeros(1, dtype=F64)
+    return torch.cat([sigmas, last]).float()
+
+
+def _to_x0(config: SchedulerConfig, out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor,
+           sigma: torch.Tensor) -> torch.Tensor:
+    """The model's prediction of x_0 for x = α·x_0 + σ·ε (ε-, v- or x_0-prediction)."""
+    if config.prediction_type == "epsilon":
+        return (x - sigma * out) / alpha
+    if config.prediction_type == "v_prediction":
+        return alpha * x - sigma * out
+    return out
+
+
+def _clip(config: SchedulerConfig, x0: torch.Tensor) -> torch.Tensor:
+    r = config.clip_sample_range
+    return x0.clamp(-r, r) if config.clip_sample else x0
+
+
+def _after_step(callback: Callback | None, i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Run the step callback; a tensor it returns replaces the latents."""
+    out = callback(i, t, x) if callback is not None else None
+    return x if out is None else out
+
+
+def _log_snr(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(α_t, σ_t, λ_t = log α_t - log σ_t) of the VP process at noise level σ = σ_t / α_t."""
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    sigma_t = sigma * alpha
+    return alpha, sigma_t, torch.log(alpha) - torch.log(sigma_t)
+
+
+def sample_dpmpp_2m(config: SchedulerConfig, model_fn: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, *,
+                    generator: torch.Generator | list[torch.Generator] | None = None,
+                    callback: Callback | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M), multistep with data prediction (Lu et al. 2022, arXiv 2211.01095, Algorithm 2)."""
+    sigmas = _sigmas(config, timesteps)
+    n = len(timesteps)
+    # diffusers takes a first-order last step for stability at few steps, and always when the final σ is 0
+    first_order_last = (config.euler_at_final or (config.lower_order_final and n < 15)
+                        or config.final_sigmas_type == "zero")
+    prev_x0 = prev_lambda = None
+    for i, t in enumerate(timesteps):
+        alpha_s, sigma_s, lambda_s = _log_snr(sigmas[i])
+        alpha_t, sigma_t, lambda_t = _log_snr(sigmas[i + 1])
+        x0 = _to_x0(config, model_fn(x, t), x, alpha_s, sigma_s)  # in the latents' dtype, as diffusers
+        sample = x.float()  # the update runs in float32
+        h = lambda_t - lambda_s
+        if config.solver_order == 1 or prev_x0 is None or (i == n - 1 and first_order_last):
+            x_next = (sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+        else:
+            r0 = (lambda_s - prev_lambda) / h
+            d1 = (1.0 / r0) * (x0 - prev_x0)
+            if config.solver_type == "midpoint":
+                x_next = ((sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+                          - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1)
+            else:  # heun
+                x_next = ((sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+                          + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1)
+        prev_x0, prev_lambda = x0, lambda_s
+        x = _after_step(callback, i, t, x_next.to(x0.dtype))
+    return x
+
+
+def sample_ddim(config: SchedulerConfig, model_fn: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, *,
+                generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
+                callback: Callback | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2020, arXiv 2010.02502, eq. 12); eta > 0 adds the noise σ_t(η) of eq. 16."""
+    ac = noise_schedule(config)
+    final_ac = torch.tensor(1.0) if config.set_alpha_to_one else ac[0]
+    stride = config.num_train_timesteps // len(timesteps)  # diffusers' previous timestep, whatever the spacing
+    for i, t in enumerate(timesteps):
+        out = model_fn(x, t)
+        prev = int(t) - stride
+        a_t, a_prev = ac[int(t)], (ac[prev] if prev >= 0 else final_ac)
+        b_t = 1 - a_t
+        if config.prediction_type == "epsilon":
+            x0, eps = (x - b_t ** (0.5) * out) / a_t ** (0.5), out
+        elif config.prediction_type == "sample":
+            x0 = out
+            eps = (x - a_t ** (0.5) * x0) / b_t ** (0.5)
+        else:  # v_prediction
+            x0 = (a_t**0.5) * x - (b_t**0.5) * out
+            eps = (a_t**0.5) * out + (b_t**0.5) * x
+        x0 = _clip(config, x0)
+        variance = ((1 - a_prev) / b_t) * (1 - a_t / a_prev)
+        std = eta * variance ** (0.5)
+        x_next = a_prev ** (0.5) * x0 + (1 - a_prev - std**2) ** (0.5) * eps
+        if eta > 0:
+            x_next = x_next + std * randn_tensor(out.shape, generator, out.device, out.dtype)
+        x = _after_step(callback, i, t, x_next)
+    return x
+
+
+def sample_euler(config: SchedulerConfig, model_fn: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, *,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 callback: Callback | None = None) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE in σ (Karras et al. 2022, arXiv 2206.00364, Algorithm 2, no churn)."""
+    sigmas = _sigmas(config, timesteps)
+    init_sigma = sigmas.max() if config.timestep_spacing != "leading" else (sigmas.max() ** 2 + 1) ** 0.5
+    x = x * init_sigma
+    for i, t in enumerate(timesteps):
+        sigma = sigmas[i]
+        out = model_fn(x / ((sigma**2 + 1) ** 0.5), t)  # the model sees unit-variance input
+        sample = x.float()
+        if config.prediction_type == "epsilon":
+            x0 = sample - sigma * out
+        elif config.prediction_type == "v_prediction":
+            x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+        else:
+            x0 = out
+        derivative = (sample - x0) / sigma
+        x_next = sample + derivative * (sigmas[i + 1] - sigma)
+        x = _after_step(callback, i, t, x_next.to(out.dtype))
+    return x
+
+
+def sample_lcm(config: SchedulerConfig, model_fn: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, *,
+               generator: torch.Generator | list[torch.Generator] | None = None,
+               callback: Callback | None = None) -> torch.Tensor:
+    """Latent Consistency Model multistep sampling (Luo et al. 2023, arXiv 2310.04378, Algorithm 1)."""
+    ac = noise_schedule(config)
+    final_ac = torch.tensor(1.0) if config.set_alpha_to_one else ac[0]
+    n = len(timesteps)
+    for i, t in enumerate(timesteps):
+        out = model_fn(x, t)
+        prev = timesteps[i + 1] if i + 1 < n else t
+        a_t, a_prev = ac[int(t)], (ac[int(prev)] if prev >= 0 else final_ac)
+        # consistency-model boundary condition c_skip(0) = 1, c_out(0) = 0, with σ_data = 0.5
+        scaled = t.cpu() * config.timestep_scaling
+        c_skip = 0.5**2 / (scaled**2 + 0.5**2)
+        c_out = scaled / (scaled**2 + 0.5**2) ** 0.5
+        x0 = _clip(config, _to_x0(config, out, x, a_t.sqrt(), (1 - a_t).sqrt()))
+        denoised = c_out * x0 + c_skip * x
+        if i < n - 1:
+            noise = randn_tensor(out.shape, generator, out.device, denoised.dtype)
+            x_next = a_prev.sqrt() * denoised + (1 - a_prev).sqrt() * noise
+        else:
+            x_next = denoised
+        x = _after_step(callback, i, t, x_next)
+    return x
+
+
+SAMPLERS = {
+    "DPMSolverMultistepScheduler": sample_dpmpp_2m,
+    "DDIMScheduler": sample_ddim,
+    "EulerDiscreteScheduler": sample_euler,
+    "LCMScheduler": sample_lcm,
+}
+
+
+def sample(config: SchedulerConfig, model_fn: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, *,
+           generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
+           callback: Callback | None = None) -> torch.Tensor:
+    """Denoise unit-variance noise `x` over `timesteps` with the sampler of `config.class_name`."""
+    _check(config)
+    sampler = SAMPLERS[config.class_name]
+    extra = {"eta": eta} if sampler is sample_ddim else {}  # as diffusers, the other samplers ignore eta
+    return sampler(config, model_fn, x, timesteps, generator=generator, callback=callback, **extra)
