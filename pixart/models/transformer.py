@@ -1,0 +1,273 @@
+"""PixArt-α transformer: a DiT with cross-attention to T5 captions and adaLN-single (arXiv 2310.00426)."""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configs import PRESETS, TransformerConfig
+from ..weights.files import Lazy, WeightsError, lazy_tensors
+from ..weights.keymaps import PIXART_ORIGINAL, apply_key_map
+from ..weights.loading import PretrainedModel
+from .layers import attention, modulate, sincos_pos_embed_2d, timestep_embedding
+
+gelu_tanh = functools.partial(F.gelu, approximate="tanh")
+
+# diffusers adds -10000 (not -inf) to the scores of padded caption tokens: matching it keeps parity,
+# and a caption whose tokens are all masked still gives finite (uniform) attention instead of NaN.
+MASK_BIAS = -10000.0
+
+
+class MLP(nn.Module):
+    """Linear → activation → Linear (timestep, size and caption embedders)."""
+
+    def __init__(self, dim_in: int, dim: int, act: Callable[[torch.Tensor], torch.Tensor] = F.silu):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class Conditioning(nn.Module):
+    """Timestep embedding, plus the 1024-MS micro-conditions (generated size and aspect ratio) when enabled."""
+
+    def __init__(self, dim: int, micro_conditions: bool):
+        super().__init__()
+        self.micro_conditions = micro_conditions
+        self.timestep_embedder = MLP(256, dim)
+        if micro_conditions:
+            self.resolution_embedder = MLP(256, dim // 3)  # shared by height and width
+            self.aspect_ratio_embedder = MLP(256, dim // 3)
+
+    def forward(self, t: torch.Tensor, resolution: torch.Tensor | None, aspect_ratio: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+        emb = self.timestep_embedder(timestep_embedding(t).to(dtype))  # (B, D)
+        if not self.micro_conditions:
+            return emb
+        if resolution is None or aspect_ratio is None:
+            raise ValueError(
+                "this model is conditioned on the image size: pass resolution=(B, 2) [height, width] in pixels "
+                "and aspect_ratio=(B, 1) height / width"
+            )
+        B = t.shape[0]
+        res = torch.as_tensor(resolution, device=t.device).expand(B, 2).flatten()  # (2B,) h0, w0, h1, ...
+        ar = torch.as_tensor(aspect_ratio, device=t.device).expand(B, 1).flatten()  # (B,)
+        res = self.resolution_embedder(timestep_embedding(res).to(dtype)).reshape(B, -1)  # (B, 2D/3)
+        ar = self.aspect_ratio_embedder(timestep_embedding(ar).to(dtype))  # (B, D/3)
+        return emb + torch.cat([res, ar], dim=1)
+
+
+class AdaLNSingle(nn.Module):
+    """adaLN-single: one conditioning vector, projected once to the 6 modulation vectors all blocks share."""
+
+    def __init__(self, dim: int, micro_conditions: bool):
+        super().__init__()
+        self.emb = Conditioning(dim, micro_conditions)
+        self.linear = nn.Linear(dim, 6 * dim)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches of the latent to tokens (named after diffusers' `pos_embed`)."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; keys and values come from `context` (cross) or from x itself (self)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, bias)
+        return self.to_out[0](out)
+
+
+class FeedForward(nn.Module):
+    """MLP with tanh-GELU; `net` indices 0 and 2 keep diffusers' key names (1 is its dropout)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(dim, hidden)}), nn.Identity(), nn.Linear(hidden, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](gelu_tanh(self.net[0]["proj"](x)))
+
+
+class Block(nn.Module):
+    """Self-attention, cross-attention to the caption, MLP; adaLN-single modulation from a per-block table."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        dim, heads = config.inner_dim, config.num_attention_heads
+        self.eps = config.norm_eps
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+        self.attn1 = Attention(dim, heads, dim, config.attention_bias)
+        self.attn2 = Attention(dim, heads, config.cross_attention_dim or dim, config.attention_bias)
+        self.ff = FeedForward(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor, t6: torch.Tensor, y: torch.Tensor, y_bias: torch.Tensor | None) -> torch.Tensor:
+        D = x.shape[-1]
+        mods = self.scale_shift_table[None] + t6.view(-1, 6, D)  # (B, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)  # each (B, 1, D)
+        h = modulate(F.layer_norm(x, (D,), eps=self.eps), shift_msa, scale_msa)
+        x = torch.addcmul(x, gate_msa, self.attn1(h))
+        x = x + self.attn2(x, y, y_bias)  # no norm, no gate: as the original
+        h = modulate(F.layer_norm(x, (D,), eps=self.eps), shift_mlp, scale_mlp)
+        return torch.addcmul(x, gate_mlp, self.ff(h))
+
+
+class PixArtTransformer2DModel(PretrainedModel):
+    """PixArt-α DiT; parameter names are diffusers', so a diffusers `transformer/` folder loads as is."""
+
+    config_class = TransformerConfig
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        if config.norm_type != "ada_norm_single" or config.norm_elementwise_affine:
+            raise ValueError(f"only PixArt's adaLN-single without norm weights is supported, not {config.norm_type!r}")
+        self.config = config
+        dim, p = config.inner_dim, config.patch_size
+        self.out_channels = config.out_channels or config.in_channels
+        self.pos_embed = PatchEmbed(config.in_channels, dim, p)
+        self.adaln_single = AdaLNSingle(dim, config.micro_conditions)
+        has_projection = config.caption_channels is not None
+        self.caption_projection = MLP(config.caption_channels, dim, act=gelu_tanh) if has_projection else None
+        self.transformer_blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        self.proj_out = nn.Linear(dim, p * p * self.out_channels)
+        self.pos_cache: dict[tuple, torch.Tensor] = {}  # (h, w, device) -> (1, h·w, D) fp32; not in state_dict
+
+    def position_embedding(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """The (1, h·w, D) float32 sin-cos embedding of an h×w token grid, computed once per size and device."""
+        key = (h, w, device)
+        if key not in self.pos_cache:
+            c = self.config
+            # built on the CPU (float64 frequencies, which MPS lacks), then moved
+            pe = sincos_pos_embed_2d(c.inner_dim, h, w, c.sample_size // c.patch_size, c.pe_interpolation)
+            self.pos_cache[key] = pe[None].to(device)
+        return self.pos_cache[key]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        resolution: torch.Tensor | None = None,
+        aspect_ratio: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict (B, out_channels, H, W) from latents (B, C, H, W), steps (B,) and captions (B, L, caption_channels).
+
+        encoder_attention_mask (B, L) is 1 for real caption tokens and 0 for padding; resolution (B, 2) is the
+        generated [height, width] in pixels and aspect_ratio (B, 1) height / width, used only by micro-conditioned
+        models (1024-MS).
+        """
+        B, _, H, W = x.shape
+        p = self.config.patch_size
+        if H % p or W % p:
+            raise ValueError(
+                f"latent size {H}x{W} is not divisible by the patch size {p}: image height and width in pixels "
+                f"must be multiples of {8 * p} (8 × patch size); round them, or use resolution binning"
+            )
+        h, w = H // p, W // p
+        dtype = x.dtype
+
+        x = self.pos_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = (x + self.position_embedding(h, w, x.device)).to(dtype)  # added in fp32, as diffusers does
+
+        t = torch.as_tensor(timestep, device=x.device).expand(B)
+        t_emb = self.adaln_single.emb(t, resolution, aspect_ratio, dtype)  # (B, D)
+        t6 = self.adaln_single.linear(F.silu(t_emb))  # (B, 6D)
+
+        y = encoder_hidden_states
+        if self.caption_projection is not None:
+            y = self.caption_projection(y)  # (B, L, D)
+        y_bias = None
+        if encoder_attention_mask is not None:
+            y_bias = ((1 - encoder_attention_mask.to(dtype)) * MASK_BIAS)[:, None, None, :]  # (B, 1, 1, L)
+
+        for block in self.transformer_blocks:
+            x = block(x, t6, y, y_bias)
+
+        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+        x = modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale)
+        x = self.proj_out(x)  # (B, N, p·p·C)
+        x = x.view(B, h, w, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        return x.reshape(B, self.out_channels, H, W)
+
+    @classmethod
+    def map_keys(cls, tensors: dict[str, Lazy]) -> dict[str, Lazy]:
+        """Original-repository keys (x_embedder, blocks.N.attn.qkv, ...) map to ours; our own pass through."""
+        if "x_embedder.proj.weight" in tensors:
+            return apply_key_map(tensors, PIXART_ORIGINAL)
+        return tensors
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        config: TransformerConfig | str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | None = None,
+        use_ema: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> "PixArtTransformer2DModel":
+        """Load one weight file: the original PixArt-XL-2-*.pth, or the same as .safetensors, in either key layout.
+
+        `config`: a TransformerConfig, a config.json or a folder holding one, or None to infer it from the weights.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"weight file {path} does not exist")
+        raw = lazy_tensors([path], use_ema=use_ema)
+        tensors = cls.map_keys(raw)
+        if config is None:
+            config = infer_config(tensors, raw.get("pos_embed"), path)
+        elif not isinstance(config, TransformerConfig):
+            config_path = Path(config)
+            config = TransformerConfig.from_json(config_path / "config.json" if config_path.is_dir() else config_path)
+        return cls.from_state(config, tensors, str(path), torch_dtype, device)
+
+
+def infer_config(tensors: dict[str, Lazy], pos_embed: Lazy | None, source: Path) -> TransformerConfig:
+    """A config from the shapes of diffusers-named weights and the original's stored (1, N, D) position table."""
+    fix = f"pass config= (a TransformerConfig or the model's config.json) to load {source}"
+    if pos_embed is None or pos_embed.shape is None or "pos_embed.proj.weight" not in tensors:
+        raise WeightsError(f"cannot tell the model's sample size: the file has no original `pos_embed` table; {fix}")
+    dim, in_channels, p, _ = tensors["pos_embed.proj.weight"].shape
+    side = math.isqrt(pos_embed.shape[1])
+    if side * side != pos_embed.shape[1] or dim % 72:
+        raise WeightsError(f"unusual shapes (pos_embed {tuple(pos_embed.shape)}, width {dim}); {fix}")
+    sample_size = side * p
+    preset = next((c for c in PRESETS.values() if c.sample_size == sample_size), TransformerConfig())
+    return TransformerConfig(
+        sample_size=sample_size,
+        num_attention_heads=dim // 72,  # every published PixArt uses 72-wide heads
+        attention_head_dim=72,
+        in_channels=in_channels,
+        out_channels=tensors["proj_out.weight"].shape[0] // (p * p),
+        num_layers=sum(k.endswith(".scale_shift_table") and k.startswith("transformer_blocks.") for k in tensors),
+        patch_size=p,
+        cross_attention_dim=dim,
+        caption_channels=tensors["caption_projection.linear_1.weight"].shape[1],
+        interpolation_scale=preset.interpolation_scale,
+        use_additional_conditions="adaln_single.emb.resolution_embedder.linear_1.weight" in tensors,
+    )

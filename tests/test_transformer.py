@@ -1,0 +1,269 @@
+"""PixArt-α transformer: parity with diffusers' PixArtTransformer2DModel, the original-checkpoint key map, loading."""
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pixart.configs import TransformerConfig
+from pixart.models.transformer import PixArtTransformer2DModel
+from pixart.weights.files import WeightsError, lazy_tensors
+from pixart.weights.keymaps import PIXART_ORIGINAL, apply_key_map
+
+diffusers = pytest.importorskip("diffusers")
+
+TOL = 1e-4
+CAPTION_CHANNELS, CAPTION_LEN = 32, 7
+# inner dim 48: divisible by 3, as the micro-condition embedders (2 × D/3 + D/3) need
+TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=24, caption_channels=CAPTION_CHANNELS,
+            cross_attention_dim=48)
+VARIANTS = {
+    "1024-MS": dict(sample_size=128),  # micro-conditions on, pe interpolation 2
+    "512": dict(sample_size=64),
+    "256": dict(sample_size=32, interpolation_scale=0.5),
+    # the published three all give grid coordinate i·32/n; this one does not, so it tests the formula itself
+    "64-interp-0.5": dict(sample_size=64, interpolation_scale=0.5),
+}
+
+
+def build_diffusers(seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    return diffusers.PixArtTransformer2DModel(**{**TINY, **kwargs}).eval()
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def saved(request, tmp_path_factory):
+    """(diffusers model, the folder its own save_pretrained wrote)."""
+    ref = build_diffusers(**VARIANTS[request.param])
+    folder = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(folder)
+    return ref, folder
+
+
+def inputs(ref, H: int, W: int, seed: int = 1):
+    """Batch 2, different timesteps, the second caption padded after 3 tokens; micro-conditions when the model has them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, ref.config.in_channels, H, W, generator=g)
+    t = torch.tensor([999, 17])
+    y = torch.randn(2, CAPTION_LEN, ref.config.caption_channels, generator=g)
+    mask = torch.ones(2, CAPTION_LEN, dtype=torch.long)
+    mask[1, 3:] = 0
+    res = torch.tensor([[8.0 * H, 8.0 * W]] * 2)
+    ar = torch.tensor([[H / W]] * 2)
+    return x, t, y, mask, res, ar
+
+
+def reference(ref, x, t, y, mask, res, ar):
+    cond = {"resolution": res, "aspect_ratio": ar} if ref.use_additional_conditions else None
+    with torch.no_grad():
+        return ref(x, encoder_hidden_states=y, timestep=t, encoder_attention_mask=mask, added_cond_kwargs=cond).sample
+
+
+def ours(model, x, t, y, mask, res, ar):
+    with torch.no_grad():
+        return model(x, t, y, mask, resolution=res, aspect_ratio=ar)
+
+
+def to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of the key map, written independently: diffusers names → original names, q|k|v and k|v fused."""
+    top = {
+        "pos_embed.proj.": "x_embedder.proj.",
+        "adaln_single.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+        "adaln_single.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+        "adaln_single.emb.resolution_embedder.linear_1.": "csize_embedder.mlp.0.",
+        "adaln_single.emb.resolution_embedder.linear_2.": "csize_embedder.mlp.2.",
+        "adaln_single.emb.aspect_ratio_embedder.linear_1.": "ar_embedder.mlp.0.",
+        "adaln_single.emb.aspect_ratio_embedder.linear_2.": "ar_embedder.mlp.2.",
+        "adaln_single.linear.": "t_block.1.",
+        "caption_projection.linear_1.": "y_embedder.y_proj.fc1.",
+        "caption_projection.linear_2.": "y_embedder.y_proj.fc2.",
+        "proj_out.": "final_layer.linear.",
+        "scale_shift_table": "final_layer.scale_shift_table",
+    }
+    block = {
+        "scale_shift_table": "scale_shift_table",
+        "attn1.to_out.0.": "attn.proj.",
+        "attn2.to_q.": "cross_attn.q_linear.",
+        "attn2.to_out.0.": "cross_attn.proj.",
+        "ff.net.0.proj.": "mlp.fc1.",
+        "ff.net.2.": "mlp.fc2.",
+    }
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.*)", key)
+        if m:
+            n, rest = m.groups()
+            if rest.startswith(("attn1.to_k", "attn1.to_v", "attn2.to_v")):
+                continue
+            if rest.startswith("attn1.to_q."):
+                p = rest.split(".")[-1]
+                parts = [state[f"transformer_blocks.{n}.attn1.to_{c}.{p}"] for c in "qkv"]
+                out[f"blocks.{n}.attn.qkv.{p}"] = torch.cat(parts)
+            elif rest.startswith("attn2.to_k."):
+                p = rest.split(".")[-1]
+                parts = [state[f"transformer_blocks.{n}.attn2.to_{c}.{p}"] for c in "kv"]
+                out[f"blocks.{n}.cross_attn.kv_linear.{p}"] = torch.cat(parts)
+            else:
+                prefix = next(k for k in block if rest.startswith(k))
+                out[f"blocks.{n}.{block[prefix]}{rest[len(prefix):]}"] = value
+        else:
+            prefix = next(k for k in top if key.startswith(k))
+            out[top[prefix] + key[len(prefix):]] = value
+    return out
+
+
+def original_checkpoint(ref) -> dict[str, torch.Tensor]:
+    """The weights as the original repository stores them, with its pos_embed table and null caption."""
+    sd = to_original({k: v.detach().clone() for k, v in ref.state_dict().items() if k != "pos_embed.pos_embed"})
+    sd["pos_embed"] = ref.pos_embed.pos_embed.clone()  # (1, N, D), N = (sample_size / patch)²
+    sd["y_embedder.y_embedding"] = torch.randn(CAPTION_LEN, ref.config.caption_channels)
+    return sd
+
+
+@pytest.mark.parametrize("size", [(16, 16), (12, 20)], ids=["square", "non-square"])
+def test_forward_matches_diffusers(saved, size):
+    ref, folder = saved
+    model = PixArtTransformer2DModel.from_pretrained(folder)
+    args = inputs(ref, *size)
+    expected, got = reference(ref, *args), ours(model, *args)
+    assert got.shape == expected.shape == (2, 8, *size)
+    assert (got - expected).abs().max() < TOL
+
+
+def test_float_timesteps_and_broadcast_conditions_match_diffusers(saved):
+    ref, folder = saved
+    model = PixArtTransformer2DModel.from_pretrained(folder)
+    x, _, y, mask, res, ar = inputs(ref, 8, 8)
+    t = torch.tensor([500.25, 0.5])
+    expected = reference(ref, x, t, y, mask, res, ar)
+    assert (ours(model, x, t, y, mask, res[:1], ar[:1]) - expected).abs().max() < TOL
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_original_checkpoint_loads_and_matches_diffusers(saved, tmp_path, suffix):
+    ref, folder = saved
+    sd = original_checkpoint(ref)
+    path = tmp_path / f"PixArt-XL-2-tiny{suffix}"
+    if suffix == ".pth":
+        torch.save({"state_dict": sd, "epoch": 3}, path)
+    else:
+        save_file(sd, path)
+    model = PixArtTransformer2DModel.from_single_file(path, config=folder)
+    args = inputs(ref, 12, 20)
+    assert (ours(model, *args) - reference(ref, *args)).abs().max() < TOL
+
+
+def test_original_pth_use_ema_loads_the_ema_weights(tmp_path):
+    ref, ema = build_diffusers(0, sample_size=64), build_diffusers(1, sample_size=64)
+    path = tmp_path / "train.pth"
+    torch.save({"state_dict": original_checkpoint(ref), "state_dict_ema": original_checkpoint(ema)}, path)
+    cfg = TransformerConfig.from_dict(dict(ref.config))
+    args = inputs(ref, 8, 8)
+    raw = PixArtTransformer2DModel.from_single_file(path, config=cfg)
+    averaged = PixArtTransformer2DModel.from_single_file(path, config=cfg, use_ema=True)
+    assert (ours(raw, *args) - reference(ref, *args)).abs().max() < TOL
+    assert (ours(averaged, *args) - reference(ema, *args)).abs().max() < TOL
+
+
+def test_diffusers_keyed_single_file_loads(saved):
+    ref, folder = saved
+    model = PixArtTransformer2DModel.from_single_file(
+        folder / "diffusion_pytorch_model.safetensors", config=folder / "config.json"
+    )
+    args = inputs(ref, 16, 16)
+    assert (ours(model, *args) - reference(ref, *args)).abs().max() < TOL
+
+
+@pytest.mark.parametrize(
+    "kwargs, interpolation",
+    [(dict(sample_size=32, interpolation_scale=0.5), 0.5), (dict(sample_size=128), 2.0)],
+    ids=["256", "1024-MS"],
+)
+def test_config_is_inferred_from_original_checkpoint(tmp_path, kwargs, interpolation):
+    # 72-wide heads as every published PixArt: the inference reads the head count from the width
+    ref = build_diffusers(**{**TINY, "attention_head_dim": 72, "cross_attention_dim": 144, **kwargs})
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": original_checkpoint(ref)}, path)
+    model = PixArtTransformer2DModel.from_single_file(path)
+    c = model.config
+    assert (c.sample_size, c.num_layers, c.inner_dim, c.num_attention_heads) == (kwargs["sample_size"], 2, 144, 2)
+    assert (c.caption_channels, c.out_channels, c.in_channels) == (CAPTION_CHANNELS, 8, 4)
+    assert c.pe_interpolation == interpolation
+    assert c.micro_conditions == ref.use_additional_conditions
+    args = inputs(ref, 12, 20)
+    assert (ours(model, *args) - reference(ref, *args)).abs().max() < TOL
+
+
+def test_single_file_without_position_table_asks_for_config(saved, tmp_path):
+    ref, _ = saved
+    sd = original_checkpoint(ref)
+    del sd["pos_embed"]
+    save_file(sd, tmp_path / "comfy.safetensors")
+    with pytest.raises(WeightsError, match="pass config="):
+        PixArtTransformer2DModel.from_single_file(tmp_path / "comfy.safetensors")
+
+
+def test_key_map_consumes_every_source_key_and_produces_every_model_key(saved, tmp_path):
+    ref, folder = saved
+    save_file(original_checkpoint(ref), tmp_path / "orig.safetensors")
+    mapped = apply_key_map(lazy_tensors([tmp_path / "orig.safetensors"]), PIXART_ORIGINAL)
+    expected = PixArtTransformer2DModel.from_pretrained(folder).state_dict()
+    assert mapped.keys() == expected.keys()
+    for key, lazy in mapped.items():
+        assert lazy.shape == tuple(expected[key].shape), key  # known before reading
+        assert torch.equal(lazy(), expected[key]), key
+
+
+def test_key_map_names_a_key_no_rule_consumes(saved, tmp_path):
+    ref, _ = saved
+    sd = original_checkpoint(ref)
+    sd["blocks.0.attn.rope.freqs"] = torch.zeros(3)
+    save_file(sd, tmp_path / "odd.safetensors")
+    with pytest.raises(WeightsError, match=r"blocks\.0\.attn\.rope\.freqs"):
+        apply_key_map(lazy_tensors([tmp_path / "odd.safetensors"]), PIXART_ORIGINAL)
+
+
+def test_latent_size_not_divisible_by_patch_raises(saved):
+    ref, folder = saved
+    model = PixArtTransformer2DModel.from_pretrained(folder)
+    x, t, y, mask, res, ar = inputs(ref, 16, 16)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours(model, x[..., :15], t, y, mask, res, ar)
+
+
+def test_micro_conditioned_model_requires_resolution(saved):
+    ref, folder = saved
+    if not ref.use_additional_conditions:
+        pytest.skip("only the 1024-MS variant is micro-conditioned")
+    model = PixArtTransformer2DModel.from_pretrained(folder)
+    x, t, y, mask, _, _ = inputs(ref, 8, 8)
+    with pytest.raises(ValueError, match="resolution"):
+        model(x, t, y, mask)
+
+
+def test_fully_masked_caption_stays_finite(saved):
+    ref, folder = saved
+    model = PixArtTransformer2DModel.from_pretrained(folder)
+    x, t, y, mask, res, ar = inputs(ref, 8, 8)
+    assert torch.isfinite(ours(model, x, t, y, torch.zeros_like(mask), res, ar)).all()
+
+
+def test_bf16_load_creates_no_fp32_params_and_runs_in_bf16(saved):
+    ref, folder = saved
+    model = PixArtTransformer2DModel.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not list(model.buffers())
+    x, t, y, mask, res, ar = inputs(ref, 8, 12)
+    out = ours(model, x.bfloat16(), t, y.bfloat16(), mask, res, ar)
+    assert out.dtype == torch.bfloat16
+    # bf16 keeps ~3 significant digits; 0.1 catches a broken path, not rounding
+    assert (out.float() - reference(ref, x, t, y, mask, res, ar)).abs().max() < 0.1
+
+
+def test_position_embedding_is_cached_per_grid_outside_state_dict(saved):
+    ref, folder = saved
+    model = PixArtTransformer2DModel.from_pretrained(folder)
+    for size in [(8, 8), (8, 8), (12, 20)]:
+        ours(model, *inputs(ref, *size))
+    assert set(model.pos_cache) == {(4, 4, torch.device("cpu")), (6, 10, torch.device("cpu"))}
+    assert model.state_dict().keys() == ref.state_dict().keys() - {"pos_embed.pos_embed"}
