@@ -1,0 +1,281 @@
+"""AutoencoderKL, the Stable Diffusion VAE PixArt-α decodes with; attribute names are diffusers' checkpoint keys."""
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configs import VAEConfig
+from ..weights.files import Lazy
+from ..weights.loading import PretrainedModel
+
+EPS = 1e-6  # every GroupNorm of this VAE
+
+# Attention names of older VAE checkpoints -> ours; their weights may be 1x1-conv shaped (out, in, 1, 1).
+OLD_ATTENTION = re.compile(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)")
+OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def randn_tensor(
+    shape: tuple[int, ...],
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Standard normal noise drawn as diffusers' `randn_tensor` draws it (a CPU generator draws on the CPU)."""
+    device = torch.device(device or "cpu")
+    if isinstance(generator, list) and len(generator) == 1:
+        generator = generator[0]
+    gens = generator if isinstance(generator, list) else [generator]
+    draw_on = "cpu" if gens[0] is not None and gens[0].device.type == "cpu" else device
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}: pass one per batch item")
+        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=draw_on, dtype=dtype) for g in generator])
+    else:
+        noise = torch.randn(shape, generator=generator, device=draw_on, dtype=dtype)
+    return noise.to(device)
+
+
+class DiagonalGaussian:
+    """The encoder's posterior N(mean, exp(logvar)), logvar clamped to [-30, 20] as diffusers does."""
+
+    def __init__(self, parameters: torch.Tensor):
+        self.parameters = parameters  # (B, 2 * latent_channels, h, w)
+        self.mean, logvar = parameters.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """mean + std * ε, with ε drawn exactly as diffusers draws it for the same generator(s)."""
+        noise = randn_tensor(self.mean.shape, generator, self.parameters.device, self.parameters.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+
+class AutoencoderKLOutput(NamedTuple):
+    latent_dist: DiagonalGaussian
+
+
+class DecoderOutput(NamedTuple):
+    sample: torch.Tensor
+
+
+def norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=EPS)
+
+
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.silu(norm(x), inplace=True)  # the norm's output is fresh, so SiLU can overwrite it
+
+
+class ResnetBlock(nn.Module):
+    """x + conv(silu(norm(conv(silu(norm(x)))))), with a 1x1 conv on the skip when the width changes."""
+
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__()
+        self.norm1 = norm(cin, groups)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = norm(cout, groups)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(norm_silu(self.norm2, self.conv1(norm_silu(self.norm1, x))))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all pixels, with a residual (the mid block's only attention)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = norm(channels, groups)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        t = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C); a free view in channels_last
+        q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
+        out = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))  # (B, HW, C)
+        return x + out.transpose(1, 2).unflatten(2, (h, w))  # (B, C, H, W), channels_last strides
+
+
+class Downsample(nn.Module):
+    """Pad right and bottom by one, then a stride-2 3x3 conv (diffusers' asymmetric padding)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Block(nn.Module):
+    """`layers` resnets, then an optional down- or upsampler (diffusers' Down/UpDecoderBlock2D)."""
+
+    def __init__(self, cin: int, cout: int, layers: int, groups: int, down: bool = False, up: bool = False):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(layers))
+        self.downsamplers = nn.ModuleList([Downsample(cout)] if down else [])  # empty lists hold no keys
+        self.upsamplers = nn.ModuleList([Upsample(cout)] if up else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in (*self.resnets, *self.downsamplers, *self.upsamplers):
+            x = layer(x)
+        return x
+
+
+class MidBlock(nn.Module):
+    """resnet, attention (unless the config turns it off), resnet."""
+
+    def __init__(self, channels: int, groups: int, attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock(channels, channels, groups) for _ in range(2))
+        self.attentions = nn.ModuleList([Attention(channels, groups)] if attention else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        for attention in self.attentions:
+            x = attention(x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    """Image (B, 3, H, W) -> posterior parameters (B, 2 * latent_channels, H / f, W / f)."""
+
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        widths, groups = c.block_out_channels, c.norm_num_groups
+        self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            Block(widths[max(i - 1, 0)], width, c.layers_per_block, groups, down=i < len(widths) - 1)
+            for i, width in enumerate(widths)
+        )
+        self.mid_block = MidBlock(widths[-1], groups, c.mid_block_add_attention)
+        self.conv_norm_out = norm(widths[-1], groups)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * c.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(norm_silu(self.conv_norm_out, self.mid_block(x)))
+
+
+class Decoder(nn.Module):
+    """Latents (B, latent_channels, h, w) -> image (B, 3, h * f, w * f); one more resnet per block than the encoder."""
+
+    def __init__(self, c: VAEConfig):
+        super().__init__()
+        widths, groups = c.block_out_channels[::-1], c.norm_num_groups
+        self.conv_in = nn.Conv2d(c.latent_channels, widths[0], 3, padding=1)
+        self.mid_block = MidBlock(widths[0], groups, c.mid_block_add_attention)
+        self.up_blocks = nn.ModuleList(
+            Block(widths[max(i - 1, 0)], width, c.layers_per_block + 1, groups, up=i < len(widths) - 1)
+            for i, width in enumerate(widths)
+        )
+        self.conv_norm_out = norm(widths[-1], groups)
+        self.conv_out = nn.Conv2d(widths[-1], c.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(norm_silu(self.conv_norm_out, x))
+
+
+class AutoencoderKL(PretrainedModel):
+    """The KL-regularised VAE of Stable Diffusion with diffusers' encode / decode / forward API."""
+
+    config_class = VAEConfig
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        if (
+            set(config.down_block_types) != {"DownEncoderBlock2D"}
+            or set(config.up_block_types) != {"UpDecoderBlock2D"}
+            or not len(config.down_block_types) == len(config.up_block_types) == len(config.block_out_channels)
+            or config.act_fn != "silu"
+        ):
+            raise ValueError(
+                "only the SD-style AutoencoderKL is implemented (one DownEncoderBlock2D and one UpDecoderBlock2D per "
+                f"block_out_channels entry, act_fn silu); got {config.down_block_types}, {config.up_block_types}, "
+                f"{config.block_out_channels}, {config.act_fn}"
+            )
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        latent = config.latent_channels
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
+
+    @classmethod
+    def map_keys(cls, tensors: dict[str, Lazy]) -> dict[str, Lazy]:
+        """Accept the old attention names (query/key/value/proj_attn); every other key passes through unchanged."""
+        out = {}
+        for key, lazy in tensors.items():
+            match = OLD_ATTENTION.fullmatch(key)
+            if match:
+                prefix, old, kind = match.groups()
+                key = f"{prefix}.{OLD_ATTENTION_NAMES[old]}.{kind}"
+                if kind == "weight":
+                    lazy = Lazy(lambda lazy=lazy: lazy().flatten(1), lazy.shape[:2] if lazy.shape else None)
+            out[key] = lazy
+        return out
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple[DiagonalGaussian]:
+        """Images in [-1, 1] (B, 3, H, W) -> the posterior over latents (not yet scaled by scaling_factor)."""
+        moments = self.encoder(x.to(self.dtype))
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        posterior = DiagonalGaussian(moments)
+        return AutoencoderKLOutput(posterior) if return_dict else (posterior,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
+        """Unscaled latents (B, latent_channels, h, w) -> images (B, 3, 8h, 8w) in about [-1, 1], in the VAE dtype."""
+        z = z.to(self.dtype)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        image = self.decoder(z)
+        return DecoderOutput(image) if return_dict else (image,)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        sample_posterior: bool = False,
+        return_dict: bool = True,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> DecoderOutput | tuple[torch.Tensor]:
+        """Encode, take the posterior mode (or a sample), decode."""
+        posterior = self.encode(sample).latent_dist
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z, return_dict)
