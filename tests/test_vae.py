@@ -206,3 +206,13 @@ def test_channels_last_gives_the_same_output(saved):
     x = images(12, 20)
     mean = vae.encode(x.to(memory_format=torch.channels_last)).latent_dist.mean
     torch.testing.assert_close(mean, ref.encode(x).latent_dist.mean, atol=ATOL, rtol=0)
+
+
+def test_gradients_match_diffusers_despite_in_place_ops(saved):
+    ref, vae = load(saved)
+    x = images()
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    vae(ours).sample.square().mean().backward()
+    ref(theirs).sample.square().mean().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=1e-3)
+    ref.zero_grad()

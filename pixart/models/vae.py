@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import VAEConfig
+from ..samplers import randn_tensor
 from ..weights.files import Lazy
 from ..weights.loading import PretrainedModel
 
@@ -17,27 +18,6 @@ EPS = 1e-6  # every GroupNorm of this VAE
 # Attention names of older VAE checkpoints -> ours; their weights may be 1x1-conv shaped (out, in, 1, 1).
 OLD_ATTENTION = re.compile(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)")
 OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def randn_tensor(
-    shape: tuple[int, ...],
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Standard normal noise drawn as diffusers' `randn_tensor` draws it (a CPU generator draws on the CPU)."""
-    device = torch.device(device or "cpu")
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    gens = generator if isinstance(generator, list) else [generator]
-    draw_on = "cpu" if gens[0] is not None and gens[0].device.type == "cpu" else device
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}: pass one per batch item")
-        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=draw_on, dtype=dtype) for g in generator])
-    else:
-        noise = torch.randn(shape, generator=generator, device=draw_on, dtype=dtype)
-    return noise.to(device)
 
 
 class DiagonalGaussian:
@@ -77,8 +57,8 @@ def norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=EPS)
 
 
-def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.silu(norm(x), inplace=True)  # the norm's output is fresh, so SiLU can overwrite it
+def norm_silu(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.silu(gn(x), inplace=True)  # the norm's output is fresh, so SiLU can overwrite it
 
 
 class ResnetBlock(nn.Module):
@@ -94,8 +74,7 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv2(norm_silu(self.norm2, self.conv1(norm_silu(self.norm1, x))))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))  # h is fresh: add in place
 
 
 class Attention(nn.Module):
