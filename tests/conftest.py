@@ -53,8 +53,8 @@ def build_pipeline_folder(root: Path, spm_file: Path, sample_size: int, seed: in
         feed_forward_proj="gated-gelu", dropout_rate=0.0,
     )).eval()
     transformer = PixArtTransformer2DModel(
-        sample_size=sample_size, num_layers=2, num_attention_heads=2, attention_head_dim=16, in_channels=4,
-        out_channels=8, caption_channels=32, cross_attention_dim=32, patch_size=2,
+        sample_size=sample_size, num_layers=2, num_attention_heads=2, attention_head_dim=24, in_channels=4,
+        out_channels=8, caption_channels=32, cross_attention_dim=48, patch_size=2,  # inner 48: divisible by 3 for micro-conditions
     ).eval()
     with torch.no_grad():  # diffusers zero-initialises some layers; random values make the test meaningful
         for p in transformer.parameters():
