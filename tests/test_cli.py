@@ -1,0 +1,75 @@
+"""`pixart generate` end to end on a tiny saved folder, and its error messages."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pixart
+from pixart.cli import main
+
+
+def test_generate_writes_png_with_settings_equal_to_the_library(pipeline_dir_512, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    code = main(["generate", "a red circle on a white background", "--model", str(pipeline_dir_512), "-o", str(out),
+                 "--seed", "7", "--steps", "2", "--width", "256", "--height", "256", "--dtype", "fp32", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    image = Image.open(out)
+    settings = json.loads(image.text["parameters"])
+    assert settings["seed"] == 7 and settings["steps"] == 2 and settings["prompt"].startswith("a red circle")
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("a red circle on a white background", num_inference_steps=2, width=256, height=256,
+                    generator=[torch.Generator().manual_seed(7)]).images[0]
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
+
+
+def test_generate_several_images_gets_consecutive_seeds(pipeline_dir_512, tmp_path):
+    out = tmp_path / "many.png"
+    assert main(["generate", "artistic", "--model", str(pipeline_dir_512), "-o", str(out), "-n", "2", "--seed", "3",
+                 "--steps", "1", "--width", "128", "--height", "128", "--dtype", "fp32", "--quiet"]) == 0
+    seeds = [json.loads(Image.open(tmp_path / f"many-{i}.png").text["parameters"])["seed"] for i in range(2)]
+    assert seeds == [3, 4]
+
+
+def test_generate_with_an_original_pth_transformer(pipeline_dir_512, tmp_path):
+    """--transformer swaps in a single-file checkpoint (here the folder's own weights, re-saved as .safetensors)."""
+    from safetensors.torch import load_file, save_file
+
+    single = tmp_path / "transformer.safetensors"
+    save_file(load_file(pipeline_dir_512 / "transformer" / "diffusion_pytorch_model.safetensors"), single)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    common = ["--seed", "1", "--steps", "1", "--width", "128", "--height", "128", "--dtype", "fp32", "--quiet"]
+    assert main(["generate", "artistic", "--model", str(pipeline_dir_512), "-o", str(a), *common]) == 0
+    assert main(["generate", "artistic", "--model", str(pipeline_dir_512), "-o", str(b), "--transformer", str(single),
+                 *common]) == 0
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
+    code = main(["generate", "x", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "x.png")])
+    assert code == 2
+    assert "neither a local folder nor a Hub id" in capsys.readouterr().err
+
+
+def test_bad_size_without_binning_is_a_clear_error(pipeline_dir_512, tmp_path, capsys):
+    code = main(["generate", "x", "--model", str(pipeline_dir_512), "-o", str(tmp_path / "x.png"), "--no-binning",
+                 "--width", "100", "--height", "128", "--quiet", "--dtype", "fp32"])
+    assert code == 2
+    assert "multiples of 16" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_output_folder_must_exist(pipeline_dir_512, tmp_path, capsys):
+    code = main(["generate", "x", "--model", str(pipeline_dir_512), "-o", str(tmp_path / "no" / "x.png")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_unknown_flag_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "x", "--model", "m", "--stepz", "3"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --stepz" in capsys.readouterr().err
