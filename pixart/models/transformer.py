@@ -74,6 +74,12 @@ class AdaLNSingle(nn.Module):
         self.emb = Conditioning(dim, micro_conditions)
         self.linear = nn.Linear(dim, 6 * dim)
 
+    def forward(self, t: torch.Tensor, resolution: torch.Tensor | None, aspect_ratio: torch.Tensor | None,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the 6 modulation vectors (B, 6D), the conditioning (B, D) the final layer uses)."""
+        emb = self.emb(t, resolution, aspect_ratio, dtype)
+        return self.linear(F.silu(emb)), emb
+
 
 class PatchEmbed(nn.Module):
     """Non-overlapping p×p patches of the latent to tokens (named after diffusers' `pos_embed`)."""
@@ -106,7 +112,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.net = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(dim, hidden)}), nn.Identity(), nn.Linear(hidden, dim)])
+        up = nn.ModuleDict({"proj": nn.Linear(dim, hidden)})
+        self.net = nn.ModuleList([up, nn.Identity(), nn.Linear(hidden, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](gelu_tanh(self.net[0]["proj"](x)))
@@ -191,12 +198,12 @@ class PixArtTransformer2DModel(PretrainedModel):
         h, w = H // p, W // p
         dtype = x.dtype
 
-        x = self.pos_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        # contiguous: the conv's output is channel-major, and every op after would keep that slow layout
+        x = self.pos_embed.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
         x = (x + self.position_embedding(h, w, x.device)).to(dtype)  # added in fp32, as diffusers does
 
         t = torch.as_tensor(timestep, device=x.device).expand(B)
-        t_emb = self.adaln_single.emb(t, resolution, aspect_ratio, dtype)  # (B, D)
-        t6 = self.adaln_single.linear(F.silu(t_emb))  # (B, 6D)
+        t6, t_emb = self.adaln_single(t, resolution, aspect_ratio, dtype)  # (B, 6D), (B, D)
 
         y = encoder_hidden_states
         if self.caption_projection is not None:

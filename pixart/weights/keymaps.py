@@ -1,4 +1,4 @@
-"""Key maps from other checkpoint layouts to ours (diffusers' names), written as data, and the function that applies them."""
+"""Key maps from other checkpoint layouts to ours (diffusers' names), as data, and the function that applies them."""
 from __future__ import annotations
 
 import re
@@ -57,7 +57,8 @@ def apply_key_map(tensors: dict[str, Lazy], rules: list[Rule]) -> dict[str, Lazy
                 raise WeightsError(f"two checkpoint keys map to {name} (the second is {key}): the file mixes layouts")
             out[name] = piece
     if unmatched:
-        shown = "\n    ".join(unmatched[:20]) + (f"\n    ... and {len(unmatched) - 20} more" if len(unmatched) > 20 else "")
+        more = f"\n    ... and {len(unmatched) - 20} more" if len(unmatched) > 20 else ""
+        shown = "\n    ".join(unmatched[:20]) + more
         raise WeightsError(
             f"{len(unmatched)} checkpoint keys belong to no known layout of this model:\n    {shown}\n"
             "  Fix: check that the file is a PixArt-α transformer checkpoint (original .pth or diffusers)."
