@@ -26,10 +26,13 @@ def prompt_lines() -> list[str]:
 
 @pytest.fixture(scope="session")
 def spm_file(tmp_path_factory) -> Path:
+    return train_spm(tmp_path_factory.mktemp("spm"))
+
+
+def train_spm(folder: Path) -> Path:
     """A sentencepiece unigram model trained on the test prompts, with T5's special ids (pad 0, eos 1, unk 2)."""
     import sentencepiece as spm
 
-    folder = tmp_path_factory.mktemp("spm")
     lines = [p.lower() for p in prompt_lines()] * 4 + ["a red circle on a white background", "the quick brown fox"]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(folder / "spiece"), vocab_size=300, pad_id=0, eos_id=1,
