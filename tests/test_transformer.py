@@ -231,11 +231,10 @@ def test_latent_size_not_divisible_by_patch_raises(saved):
         ours(model, x[..., :15], t, y, mask, res, ar)
 
 
-def test_micro_conditioned_model_requires_resolution(saved):
-    ref, folder = saved
-    if not ref.use_additional_conditions:
-        pytest.skip("only the 1024-MS variant is micro-conditioned")
-    model = PixArtTransformer2DModel.from_pretrained(folder)
+def test_micro_conditioned_model_requires_resolution(tmp_path):
+    ref = build_diffusers(**VARIANTS["1024-MS"])  # the only micro-conditioned variant
+    ref.save_pretrained(tmp_path)
+    model = PixArtTransformer2DModel.from_pretrained(tmp_path)
     x, t, y, mask, _, _ = inputs(ref, 8, 8)
     with pytest.raises(ValueError, match="resolution"):
         model(x, t, y, mask)
