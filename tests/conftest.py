@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "prompts.txt"
+PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.txt"  # a copy of ../shared/prompts.txt
 # PixArt's scheduler/scheduler_config.json (DPM-Solver++ 2M as the published folders configure it)
 PIXART_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", solver_order=2,
@@ -18,10 +18,8 @@ SPM_EXTRA_IDS = 100
 
 
 def prompt_lines() -> list[str]:
-    """The test prompts of ../shared/prompts.txt, or a small built-in set when the file is absent."""
-    if PROMPTS.is_file():
-        return [line for line in PROMPTS.read_text().splitlines() if line.strip()]
-    return ["A small cactus with a happy face in the Sahara desert.", "a red circle on a white background"]
+    """The project's test prompts (tests/data/prompts.txt)."""
+    return [line for line in PROMPTS.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="session")

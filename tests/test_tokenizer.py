@@ -16,7 +16,7 @@ from pixart.tokenizer import T5Tokenizer, clean_caption_once, preprocess_prompt,
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
-PROMPTS = Path("/work/shared/prompts.txt").read_text().splitlines()
+PROMPTS = (Path(__file__).resolve().parent / "data" / "prompts.txt").read_text().splitlines()
 FILLER = [f"the quick brown fox number {i} jumps over a lazy dog in red, green and blue light" for i in range(40)]
 # Special tokens inside the text, odd whitespace, unicode that NFKC changes, characters outside the vocabulary.
 ODD_TEXTS = [
