@@ -144,23 +144,22 @@ class PixArtAlphaPipeline:
             module.to(device=device, dtype=target)
         return self
 
+    def _main_module(self) -> Any:
+        """The model that decides the pipeline's device and dtype: transformer, else text encoder, else VAE."""
+        modules = (getattr(self, name, None) for name in ("transformer", "text_encoder", "vae"))
+        return next((m for m in modules if m is not None), None)
+
     @property
     def device(self) -> torch.device:
-        for name in ("transformer", "text_encoder", "vae"):
-            module = getattr(self, name, None)
-            if module is not None:
-                return _module_device(module)
-        return torch.device("cpu")
+        module = self._main_module()
+        return _module_device(module) if module is not None else torch.device("cpu")
 
     _execution_device = device
 
     @property
     def dtype(self) -> torch.dtype:
-        for name in ("transformer", "text_encoder", "vae"):
-            module = getattr(self, name, None)
-            if module is not None:
-                return _module_dtype(module)
-        return torch.float32
+        module = self._main_module()
+        return _module_dtype(module) if module is not None else torch.float32
 
     @property
     def components(self) -> dict[str, Any]:

@@ -10,26 +10,24 @@ import pixart
 IMAGE_TOL = 2e-3  # [0, 1] images in fp32: the issue's bound; differences come from op order in attention/conv
 
 
-@pytest.fixture(scope="module")
-def pipes_1024(pipeline_dir_1024):
+def load_both(folder):
+    """(pixart pipeline, diffusers pipeline) on the same saved folder, progress bars off."""
     from diffusers import PixArtAlphaPipeline as Reference
 
-    ref = Reference.from_pretrained(pipeline_dir_1024)
-    ref.set_progress_bar_config(disable=True)
-    ours = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_1024)
-    ours.set_progress_bar_config(disable=True)
-    return ours, ref
+    pipes = pixart.PixArtAlphaPipeline.from_pretrained(folder), Reference.from_pretrained(folder)
+    for pipe in pipes:
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
+@pytest.fixture(scope="module")
+def pipes_1024(pipeline_dir_1024):
+    return load_both(pipeline_dir_1024)
 
 
 @pytest.fixture(scope="module")
 def pipes_512(pipeline_dir_512):
-    from diffusers import PixArtAlphaPipeline as Reference
-
-    ref = Reference.from_pretrained(pipeline_dir_512)
-    ref.set_progress_bar_config(disable=True)
-    ours = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
-    ours.set_progress_bar_config(disable=True)
-    return ours, ref
+    return load_both(pipeline_dir_512)
 
 
 def run_both(pipes, seed=0, **kwargs):
