@@ -1,7 +1,7 @@
 """PixArt-α text-to-image: encode → latents → timesteps → denoise → decode → postprocess (diffusers' API)."""
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -12,18 +12,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .bins import BINS_BY_SAMPLE_SIZE, classify_height_width_bin
+from .components import (COMPONENTS, MODELS, Component, Held, choose_memory, component_folders, device_from,
+                         is_available, load_scheduler, load_vae, read_config, running)
 from .configs import SchedulerConfig
 from .images import OUTPUT_TYPES, ImageProcessor, resize_and_crop_tensor
 from .models.t5 import T5EncoderModel
 from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
-from .samplers import SAMPLERS, make_timesteps, randn_tensor, sample
+from .samplers import make_timesteps, randn_tensor, sample
 from .tokenizer import T5Tokenizer, preprocess_prompt, warn_truncated
 from .weights.hub import resolve
 
 logger = logging.getLogger("pixart")
 
-COMPONENTS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
 _LOAD = object()  # from_pretrained's "load this component from the folder" default
 _HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
 _IGNORED_KWARGS = ("use_safetensors", "low_cpu_mem_usage", "device_map_kwargs")
@@ -61,6 +62,11 @@ def _as_scheduler_config(scheduler: Any) -> SchedulerConfig:
 class PixArtAlphaPipeline:
     """Drop-in for diffusers' PixArtAlphaPipeline, in plain PyTorch."""
 
+    tokenizer = Component()
+    text_encoder = Component()
+    vae = Component()
+    transformer = Component()
+
     def __init__(
         self,
         tokenizer: T5Tokenizer | None = None,
@@ -68,16 +74,33 @@ class PixArtAlphaPipeline:
         vae: AutoencoderKL | None = None,
         transformer: PixArtTransformer2DModel | None = None,
         scheduler: Any = None,
+        *,
+        loaders: dict[str, Callable[[], Any]] | None = None,
+        configs: dict[str, Any] | None = None,
+        memory: str = "full",
+        device: torch.device | None = None,
+        load_dtype: torch.dtype | None = None,
     ):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.vae = vae
-        self.transformer = transformer
+        self._loaded: dict[str, Any] = {}
+        self._loaders = dict(loaders or {})  # name -> load it again (staged mode releases after each use)
+        self._configs = dict(configs or {})  # model configs known without loading the model
+        given = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer}
+        self._loaded.update({name: module for name, module in given.items() if name not in self._loaders})
+        self.memory = memory
+        self._execution_target = torch.device(device) if device is not None else None
+        self._load_dtype = load_dtype or torch.float32
+        self._target_dtype: torch.dtype | None = None
         self.scheduler = _as_scheduler_config(scheduler if scheduler is not None else SchedulerConfig())
-        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        vae_config = self._config("vae")
+        scale = 2 ** (len(vae_config.block_out_channels) - 1) if vae_config is not None else 8
         self.vae_scale_factor = scale
         self.image_processor = ImageProcessor(vae_scale_factor=scale)
         self._progress_bar_config: dict[str, Any] = {}
+
+    def _config(self, name: str) -> Any:
+        """A model's config, without loading the model."""
+        module = self._loaded.get(name)
+        return module.config if module is not None else self._configs.get(name)
 
     # Loading and placement
 
@@ -95,9 +118,15 @@ class PixArtAlphaPipeline:
         device: str | torch.device | None = None,
         device_map: str | None = None,
         variant: str | None = None,
+        memory: str = "auto",
         **kwargs: Any,
     ) -> "PixArtAlphaPipeline":
-        """Load a diffusers PixArt-α folder or Hub id; a component passed as None is not loaded."""
+        """Load a diffusers PixArt-α folder or Hub id; a component passed as None is not loaded.
+
+        memory: "full" loads every model now; "staged" loads each from disk when it runs and frees it after;
+        "offload" (CUDA) keeps them in CPU memory and moves each to the GPU while it runs; "auto" (default)
+        is staged when the models would not fit in the available memory, else full.
+        """
         unknown = sorted(set(kwargs) - set(_HUB_KWARGS) - set(_IGNORED_KWARGS))
         if unknown:
             raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(unknown)}")
@@ -106,23 +135,32 @@ class PixArtAlphaPipeline:
         wanted = [name for name, value in given.items() if value is _LOAD]
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         folder = resolve(pretrained_model_name_or_path, components=wanted, **hub_kwargs)
-        device = _device_from(device, device_map)
-        subfolders = _component_folders(folder, wanted)
+        device = device_from(device, device_map)
+        subfolders = component_folders(folder, wanted)
+        memory = choose_memory(memory, subfolders, torch_dtype or torch.float32, device)
+        load_device = torch.device("cpu") if memory == "offload" else device
 
-        loaders: dict[str, Callable[[Path], Any]] = {
+        makers: dict[str, Callable[[Path], Any]] = {
             "tokenizer": T5Tokenizer.from_pretrained,
-            "text_encoder": lambda p: T5EncoderModel.from_pretrained(p, torch_dtype=torch_dtype, device=device,
+            "text_encoder": lambda p: T5EncoderModel.from_pretrained(p, torch_dtype=torch_dtype, device=load_device,
                                                                      variant=variant),
-            "vae": lambda p: _load_vae(p, torch_dtype, device, variant),
+            "vae": lambda p: load_vae(p, torch_dtype, load_device),
             "transformer": lambda p: PixArtTransformer2DModel.from_pretrained(p, torch_dtype=torch_dtype,
-                                                                              device=device, variant=variant),
-            "scheduler": _load_scheduler,
+                                                                              device=load_device, variant=variant),
+            "scheduler": load_scheduler,
         }
-        parts = {name: (loaders[name](subfolders[name]) if value is _LOAD else value) for name, value in given.items()}
-        return cls(**parts)
+        loaders = {name: (lambda name=name: makers[name](subfolders[name])) for name in wanted}
+        configs = {name: read_config(name, subfolders[name]) for name in wanted if name in ("transformer", "vae")}
+        parts = {name: value for name, value in given.items() if value is not _LOAD}
+        for name in wanted:
+            if name not in MODELS or memory != "staged":
+                parts[name] = loaders.pop(name)()  # tokenizer and scheduler are small: always loaded now
+        return cls(**parts, loaders=loaders, configs=configs, memory=memory, device=device, load_dtype=torch_dtype)
 
     def to(self, *args: Any, **kwargs: Any) -> "PixArtAlphaPipeline":
-        """Move (and optionally cast) every loaded model: `.to("cuda")`, `.to(torch.bfloat16)`, `.to(device, dtype)`."""
+        """Move (and optionally cast) the models: `.to("cuda")`, `.to(torch.bfloat16)`, `.to(device, dtype)`.
+
+        Models not loaded yet (staged) are placed the same way when they load."""
         device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
         if kwargs:
             raise TypeError(f"to() got unexpected keyword arguments: {', '.join(kwargs)}")
@@ -131,39 +169,50 @@ class PixArtAlphaPipeline:
                 dtype = arg
             else:
                 device = arg
-        for name in ("text_encoder", "transformer", "vae"):
-            module = getattr(self, name, None)
-            if module is None:
-                continue
-            target = dtype
-            if name == "vae" and dtype == torch.float16 and module.config.force_upcast:
-                target = torch.float32  # fp16 VAE decoding overflows to NaN: the config asks for fp32
-            if hasattr(module, "cast") and target is not None:
-                module.cast(target)  # our models keep their fp16-unsafe layers in fp32
-                target = None
-            module.to(device=device, dtype=target)
+        if device is not None:
+            self._execution_target = torch.device(device)
+        if dtype is not None:
+            self._target_dtype = dtype
+        for name in MODELS:
+            if self._loaded.get(name) is not None:
+                self._place(name, self._loaded[name], device if self.memory != "offload" else None, dtype)
         return self
 
-    def _main_module(self) -> Any:
-        """The model that decides the pipeline's device and dtype: transformer, else text encoder, else VAE."""
-        modules = (getattr(self, name, None) for name in ("transformer", "text_encoder", "vae"))
+    def _place(self, name: str, module: Any, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        """Move and cast one model; the VAE stays fp32 when fp16 would overflow, T5 keeps its fp32 layers."""
+        if name == "vae" and dtype == torch.float16 and module.config.force_upcast:
+            dtype = torch.float32  # fp16 VAE decoding overflows to NaN: the config asks for fp32
+        if hasattr(module, "cast") and dtype is not None:
+            module.cast(dtype)  # our models keep their fp16-unsafe layers in fp32
+            dtype = None
+        module.to(device=device, dtype=dtype)
+
+    def _loaded_main_module(self) -> Any:
+        """The loaded model that tells the pipeline's dtype and device: transformer, else text encoder, else VAE."""
+        modules = (self._loaded.get(name) for name in ("transformer", "text_encoder", "vae"))
         return next((m for m in modules if m is not None), None)
 
     @property
     def device(self) -> torch.device:
-        module = self._main_module()
+        """Where the models run (with offloading: the GPU, though they rest in CPU memory)."""
+        if self._execution_target is not None:
+            return self._execution_target
+        module = self._loaded_main_module()
         return _module_device(module) if module is not None else torch.device("cpu")
 
     _execution_device = device
 
     @property
     def dtype(self) -> torch.dtype:
-        module = self._main_module()
-        return _module_dtype(module) if module is not None else torch.float32
+        module = self._loaded_main_module()
+        if module is not None:
+            return _module_dtype(module)
+        return self._target_dtype or self._load_dtype
 
     @property
     def components(self) -> dict[str, Any]:
-        return {name: getattr(self, name, None) for name in COMPONENTS}
+        """The loaded components (models a staged pipeline has not loaded yet are None)."""
+        return {name: self._loaded.get(name) for name in COMPONENTS[:-1]} | {"scheduler": self.scheduler}
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """Options for the tqdm progress bar of the denoising loop (e.g. disable=True)."""
@@ -195,9 +244,20 @@ class PixArtAlphaPipeline:
         if kwargs:
             raise TypeError(f"encode_prompt() got unexpected keyword arguments: {', '.join(kwargs)}")
         device = torch.device(device) if device is not None else self.device
+        with contextlib.ExitStack() as stack:  # holds the text encoder (loaded once) while any text is encoded
+            return self._encode_prompt(
+                prompt, do_classifier_free_guidance, negative_prompt, num_images_per_prompt, device, prompt_embeds,
+                negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask, clean_caption,
+                max_sequence_length, Held(self, "text_encoder", stack),
+            )
+
+    def _encode_prompt(self, prompt, do_classifier_free_guidance, negative_prompt, num_images_per_prompt, device,
+                       prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask,
+                       clean_caption, max_sequence_length, text_encoder: Held):
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds, prompt_attention_mask = self._encode(prompts, clean_caption, max_sequence_length, device)
+            prompt_embeds, prompt_attention_mask = self._encode(prompts, clean_caption, max_sequence_length, device,
+                                                                text_encoder)
         elif prompt_attention_mask is None:
             raise ValueError("prompt_embeds needs its prompt_attention_mask (the second output of encode_prompt)")
         dtype = self._embedding_dtype(prompt_embeds)
@@ -211,7 +271,7 @@ class PixArtAlphaPipeline:
             if len(negatives) != n_prompts:
                 raise ValueError(f"{len(negatives)} negative prompts for {n_prompts} prompts: give one per prompt")
             negative_prompt_embeds, negative_prompt_attention_mask = self._encode(
-                negatives, clean_caption, prompt_embeds.shape[1], device, truncation_warning=False
+                negatives, clean_caption, prompt_embeds.shape[1], device, text_encoder, truncation_warning=False
             )
         elif negative_prompt_attention_mask is None:
             raise ValueError("negative_prompt_embeds needs its negative_prompt_attention_mask")
@@ -220,10 +280,10 @@ class PixArtAlphaPipeline:
         return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
     def _encode(self, texts: list[str], clean_caption: bool, max_length: int, device: torch.device,
-                truncation_warning: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                held: Held, truncation_warning: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, D) T5 states and (B, L) mask of already-split texts."""
         for name in ("tokenizer", "text_encoder"):
-            if getattr(self, name, None) is None:
+            if not is_available(self, name):
                 raise ValueError(
                     f"this pipeline has no {name} (it was loaded with {name}=None), so it cannot encode text: "
                     "pass prompt_embeds / negative_prompt_embeds with their masks, or load the pipeline with a text encoder"
@@ -235,17 +295,20 @@ class PixArtAlphaPipeline:
             warn_truncated(self.tokenizer, texts, max_length)
         tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                                 add_special_tokens=True, return_tensors="pt")
-        te_device = _module_device(self.text_encoder)
+        text_encoder = held.get()
+        te_device = _module_device(text_encoder)
         mask = tokens.attention_mask.to(te_device)
-        embeds = self.text_encoder(tokens.input_ids.to(te_device), attention_mask=mask)[0]
+        embeds = text_encoder(tokens.input_ids.to(te_device), attention_mask=mask)[0]
         return embeds.to(device), mask.to(device)
 
     def _embedding_dtype(self, prompt_embeds: torch.Tensor) -> torch.dtype:
         """The dtype the transformer computes in (else the text encoder's, else the embeddings' own)."""
-        for name in ("transformer", "text_encoder"):
-            module = getattr(self, name, None)
-            if module is not None:
-                return _module_dtype(module)
+        if self._loaded.get("transformer") is not None:
+            return _module_dtype(self._loaded["transformer"])
+        if is_available(self, "transformer"):
+            return self._target_dtype or self._load_dtype
+        if self._loaded.get("text_encoder") is not None:
+            return _module_dtype(self._loaded["text_encoder"])
         return prompt_embeds.dtype
 
     # The whole generation
@@ -284,8 +347,7 @@ class PixArtAlphaPipeline:
         kwargs.pop("mask_feature", None)
         if kwargs:
             raise TypeError(f"PixArtAlphaPipeline() got unexpected keyword arguments: {', '.join(kwargs)}")
-        transformer = getattr(self, "transformer", None)
-        if transformer is None:
+        if not is_available(self, "transformer"):
             raise ValueError("this pipeline was loaded with transformer=None: it can encode prompts but not generate; "
                              "load it with a transformer to call it")
         if sigmas is not None:
@@ -294,11 +356,11 @@ class PixArtAlphaPipeline:
         output_type = output_type or "pil"
         _check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, output_type, callback_steps,
                     num_images_per_prompt, callback_on_step_end_tensor_inputs)
-        cfg = transformer.config
+        cfg = self._config("transformer")
         height = height or cfg.sample_size * self.vae_scale_factor
         width = width or cfg.sample_size * self.vae_scale_factor
         orig_height, orig_width = height, width
-        height, width = self._generation_size(height, width, use_resolution_binning)
+        height, width = self._generation_size(cfg, height, width, use_resolution_binning)
 
         # 1. Encode the prompts; guidance puts the negative half first: [uncond, cond]
         guidance = guidance_scale > 1.0
@@ -318,7 +380,7 @@ class PixArtAlphaPipeline:
         steps = make_timesteps(self.scheduler, num_inference_steps if timesteps is None else None, timesteps)
 
         # 3. Latents (B, C, H/8, W/8), drawn from the generator(s) as diffusers draws them
-        device, dtype = _module_device(transformer), _module_dtype(transformer)
+        device, dtype = self.device, self._embedding_dtype(embeds)
         shape = (batch, cfg.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"{len(generator)} generators for {batch} images: pass one per image or a single one")
@@ -330,7 +392,7 @@ class PixArtAlphaPipeline:
         latents = latents.to(device=device, dtype=dtype)
 
         # 4. Denoise
-        conditions = self._micro_conditions(height, width, embeds.shape[0], device, dtype)
+        conditions = _micro_conditions(cfg, height, width, embeds.shape[0], device, dtype)
         state = {"prompt_embeds": embeds.to(device=device, dtype=dtype), "prompt_attention_mask": mask.to(device)}
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -342,7 +404,7 @@ class PixArtAlphaPipeline:
                 out = uncond + guidance_scale * (cond - uncond)  # on all 8 channels, as the reference
             return out[:, : cfg.in_channels] if cfg.learned_sigma else out  # keep ε, drop the variance
 
-        with self.progress_bar(total=len(steps)) as bar:
+        with running(self, "transformer") as transformer, self.progress_bar(total=len(steps)) as bar:
             def on_step(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
                 bar.update()
                 if callback is not None and i % callback_steps == 0:
@@ -366,41 +428,42 @@ class PixArtAlphaPipeline:
             images = self.image_processor.postprocess(images, output_type=output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
-    def _generation_size(self, height: int, width: int, binning: bool) -> tuple[int, int]:
+    def _generation_size(self, cfg, height: int, width: int, binning: bool) -> tuple[int, int]:
         """The size the model generates at: the nearest aspect-ratio bin, or the request (multiples of 16)."""
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value < 8:
                 raise ValueError(f"{name} must be an integer number of pixels >= 8, got {value!r}")
-        table = BINS_BY_SAMPLE_SIZE.get(self.transformer.config.sample_size) if binning else None
+        table = BINS_BY_SAMPLE_SIZE.get(cfg.sample_size) if binning else None
         if table is not None:
             return classify_height_width_bin(height, width, table)
-        multiple = self.vae_scale_factor * self.transformer.config.patch_size
+        multiple = self.vae_scale_factor * cfg.patch_size
         if height % multiple or width % multiple:
             fix_h, fix_w = (round(v / multiple) * multiple or multiple for v in (height, width))
             raise ValueError(
                 f"height and width must be multiples of {multiple} pixels (VAE factor {self.vae_scale_factor} × "
-                f"patch size {self.transformer.config.patch_size}) without resolution binning, got {height}x{width}: "
+                f"patch size {cfg.patch_size}) without resolution binning, got {height}x{width}: "
                 f"use {fix_h}x{fix_w}, or use_resolution_binning=True"
             )
         return height, width
 
-    def _micro_conditions(self, height: int, width: int, batch: int, device, dtype) -> dict[str, torch.Tensor]:
-        """Resolution [h, w] of the generated size and its aspect ratio, for the 1024-px models only."""
-        if not self.transformer.config.micro_conditions:
-            return {}
-        resolution = torch.tensor([[height, width]], dtype=dtype, device=device).repeat(batch, 1)
-        aspect = torch.tensor([[float(height / width)]], dtype=dtype, device=device).repeat(batch, 1)
-        return {"resolution": resolution, "aspect_ratio": aspect}
-
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1], in the VAE's dtype (latents are cast: diffusers forgets to)."""
-        vae = getattr(self, "vae", None)
-        if vae is None:
+        if not is_available(self, "vae"):
             raise ValueError("this pipeline has no VAE (loaded with vae=None): use output_type='latent'")
-        z = latents.to(device=_module_device(vae), dtype=_module_dtype(vae)) / vae.config.scaling_factor
-        if vae.config.shift_factor is not None:
-            z = z + vae.config.shift_factor
-        return vae.decode(z, return_dict=False)[0]
+        with running(self, "vae") as vae:
+            z = latents.to(device=_module_device(vae), dtype=_module_dtype(vae)) / vae.config.scaling_factor
+            if vae.config.shift_factor is not None:
+                z = z + vae.config.shift_factor
+            return vae.decode(z, return_dict=False)[0]
+
+
+def _micro_conditions(cfg, height: int, width: int, batch: int, device, dtype) -> dict[str, torch.Tensor]:
+    """Resolution [h, w] of the generated size and its aspect ratio, for the 1024-px models only."""
+    if not cfg.micro_conditions:
+        return {}
+    resolution = torch.tensor([[height, width]], dtype=dtype, device=device).repeat(batch, 1)
+    aspect = torch.tensor([[float(height / width)]], dtype=dtype, device=device).repeat(batch, 1)
+    return {"resolution": resolution, "aspect_ratio": aspect}
 
 
 def _per_image(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -432,51 +495,3 @@ def _check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, 
     if bad:
         raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not available; choose from latents, "
                          "prompt_embeds, prompt_attention_mask")
-
-
-def _device_from(device: str | torch.device | None, device_map: str | None) -> torch.device:
-    """`device`, or diffusers' device_map ("auto"/"balanced" mean the GPU when there is one)."""
-    if device is not None:
-        return torch.device(device)
-    if device_map in ("auto", "balanced", "cuda"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device_map not in (None, "cpu"):
-        raise ValueError(f"device_map {device_map!r} is not supported: use 'auto', 'cpu', 'cuda' or device=...")
-    return torch.device("cpu")
-
-
-def _component_folders(folder: Path, wanted: list[str]) -> dict[str, Path]:
-    """The subfolder of each component to load, checked to exist."""
-    index = folder / "model_index.json"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
-    names = json.loads(index.read_text()) if index.is_file() else {}
-    if not names and not any((folder / c).is_dir() for c in COMPONENTS):
-        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json, no component "
-                                "subfolders); for a single transformer file use PixArtTransformer2DModel.from_single_file")
-    out = {}
-    for name in wanted:
-        sub = folder / name
-        if not sub.is_dir():
-            raise FileNotFoundError(f"{folder} has no {name}/ folder: download it, pass {name}=<an object> to use "
-                                    f"your own, or {name}=None to go without")
-        out[name] = sub
-    return out
-
-
-def _load_vae(folder: Path, dtype: torch.dtype | None, device: torch.device, variant: str | None) -> AutoencoderKL:
-    """The VAE in `dtype`, except fp16 when its config asks for upcasting (fp16 decoding overflows to NaN)."""
-    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=None if dtype == torch.float16 else dtype, device=device,
-                                        variant=variant)
-    if dtype == torch.float16 and not vae.config.force_upcast:
-        vae = vae.to(dtype)
-    return vae
-
-
-def _load_scheduler(folder: Path) -> SchedulerConfig:
-    config = SchedulerConfig.from_json(folder / "scheduler_config.json")
-    if config.class_name not in SAMPLERS:
-        logger.warning("scheduler %s is not implemented by pixart; using DPM-Solver++ 2M with the same noise "
-                       "schedule (supported: %s)", config.class_name, ", ".join(SAMPLERS))
-        config = config.replace(class_name="DPMSolverMultistepScheduler")
-    return config

@@ -1,0 +1,191 @@
+"""The pipeline's components: where they are loaded from, when (memory modes), and where they run."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .configs import SchedulerConfig, TransformerConfig, VAEConfig
+from .models.vae import AutoencoderKL
+from .samplers import SAMPLERS
+from .weights.files import lazy_tensors, weight_files
+
+logger = logging.getLogger("pixart")
+
+COMPONENTS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
+MODELS = ("text_encoder", "transformer", "vae")
+# full: all resident; staged: only the running model is in memory (loaded from disk when needed, released after);
+# offload: all in CPU memory, each on the GPU only while it runs; auto: staged when full would not fit.
+MEMORY_MODES = ("auto", "full", "staged", "offload")
+
+
+class Component:
+    """A pipeline attribute holding a model, loaded on first use when the pipeline has a loader for it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, pipe: Any, owner: type | None = None) -> Any:
+        if pipe is None:
+            return self
+        module = pipe._loaded.get(self.name)
+        if module is None and self.name in pipe._loaders:
+            logger.info("loading %s", self.name)
+            module = pipe._loaders[self.name]()
+            if self.name in MODELS:  # placed as earlier .to() calls asked
+                target = pipe._execution_target if pipe.memory != "offload" else None
+                pipe._place(self.name, module, target, pipe._target_dtype)
+            pipe._loaded[self.name] = module
+        return module
+
+    def __set__(self, pipe: Any, value: Any) -> None:
+        pipe._loaded[self.name] = value
+        pipe._loaders.pop(self.name, None)  # the user's object replaces what we would load
+
+    def __delete__(self, pipe: Any) -> None:
+        self.__set__(pipe, None)
+
+
+def is_available(pipe: Any, name: str) -> bool:
+    """Loaded, or loadable, without loading it."""
+    return pipe._loaded.get(name) is not None or name in pipe._loaders
+
+
+def release(pipe: Any, name: str) -> None:
+    """Drop a model we can load again (staged mode), so its memory goes back before the next stage."""
+    if name in pipe._loaders and pipe._loaded.get(name) is not None:
+        pipe._loaded[name] = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def running(pipe: Any, name: str) -> Iterator[Any]:
+    """The model `name`, on the execution device while the block runs; offloaded or released after it."""
+    module = getattr(pipe, name)
+    offload = pipe.memory == "offload" and module is not None and pipe._execution_target.type != "cpu"
+    if offload:
+        module.to(pipe._execution_target)
+    try:
+        yield module
+    finally:
+        if offload:
+            module.to("cpu")
+            torch.cuda.empty_cache()
+        if pipe.memory == "staged":
+            release(pipe, name)
+
+
+class Held:
+    """A model entered into `running` on first use and held until `stack` closes (one load per stage)."""
+
+    def __init__(self, pipe: Any, name: str, stack: contextlib.ExitStack):
+        self.pipe, self.name, self.stack, self.module = pipe, name, stack, None
+
+    def get(self) -> Any:
+        if self.module is None:
+            self.module = self.stack.enter_context(running(self.pipe, self.name))
+        return self.module
+
+
+def device_from(device: str | torch.device | None, device_map: str | None) -> torch.device:
+    """`device`, or diffusers' device_map ("auto"/"balanced" mean the GPU when there is one)."""
+    if device is not None:
+        return torch.device(device)
+    if device_map in ("auto", "balanced", "cuda"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device_map not in (None, "cpu"):
+        raise ValueError(f"device_map {device_map!r} is not supported: use 'auto', 'cpu', 'cuda' or device=...")
+    return torch.device("cpu")
+
+
+def component_folders(folder: Path, wanted: list[str]) -> dict[str, Path]:
+    """The subfolder of each component to load, checked to exist."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    index = folder / "model_index.json"
+    names = json.loads(index.read_text()) if index.is_file() else {}
+    if not names and not any((folder / c).is_dir() for c in COMPONENTS):
+        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json, no component "
+                                "subfolders); for a single transformer file use PixArtTransformer2DModel.from_single_file")
+    out = {}
+    for name in wanted:
+        sub = folder / name
+        if not sub.is_dir():
+            raise FileNotFoundError(f"{folder} has no {name}/ folder: download it, pass {name}=<an object> to use "
+                                    f"your own, or {name}=None to go without")
+        out[name] = sub
+    return out
+
+
+def read_config(name: str, folder: Path) -> Any:
+    """The config of a model component, read without loading its weights."""
+    if name == "transformer":
+        return TransformerConfig.from_json(folder / "config.json")
+    if name == "vae":
+        return VAEConfig.from_json(folder / "config.json")
+    return None
+
+
+def load_vae(folder: Path, dtype: torch.dtype | None, device: torch.device) -> AutoencoderKL:
+    """The VAE in `dtype`, except fp16 when its config asks for upcasting (fp16 decoding overflows to NaN)."""
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=None if dtype == torch.float16 else dtype, device=device)
+    if dtype == torch.float16 and not vae.config.force_upcast:
+        vae = vae.to(dtype)
+    return vae
+
+
+def load_scheduler(folder: Path) -> SchedulerConfig:
+    config = SchedulerConfig.from_json(folder / "scheduler_config.json")
+    if config.class_name not in SAMPLERS:
+        logger.warning("scheduler %s is not implemented by pixart; using DPM-Solver++ 2M with the same noise "
+                       "schedule (supported: %s)", config.class_name, ", ".join(SAMPLERS))
+        config = config.replace(class_name="DPMSolverMultistepScheduler")
+    return config
+
+
+def weights_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """Bytes the weights of a model folder take in `dtype`, from the file headers (nothing is read)."""
+    tensors = lazy_tensors(weight_files(folder))
+    numel = sum(_numel(lazy.shape) if lazy.shape is not None else 0 for lazy in tensors.values())
+    return numel * torch.tensor([], dtype=dtype).element_size()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory where the models will live: the GPU's, or the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def choose_memory(mode: str, folders: dict[str, Path], dtype: torch.dtype, device: torch.device) -> str:
+    """Resolve `auto`: staged when the models together would not fit in 80% of the available memory."""
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {mode!r}")
+    if mode == "offload" and device.type != "cuda":
+        raise ValueError("memory='offload' moves each model to the GPU while it runs: it needs a CUDA device; "
+                         "on the CPU use memory='staged'")
+    if mode != "auto":
+        return mode
+    free = available_bytes(device)
+    need = sum(weights_bytes(folders[n], dtype) for n in MODELS if n in folders)
+    return "staged" if free is not None and need > 0.8 * free else "full"

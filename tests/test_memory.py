@@ -1,0 +1,71 @@
+"""Memory modes: staged pipelines load each model when it runs, free it after, and give the same images."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pixart
+from pixart import components
+
+
+def generate(pipe, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red circle on a white background", num_inference_steps=2, height=256, width=256,
+                output_type="np", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def test_staged_output_equals_full_output(pipeline_dir_512):
+    full = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, memory="full")
+    staged = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, memory="staged")
+    assert staged.memory == "staged" and all(staged._loaded.get(n) is None for n in components.MODELS)
+    np.testing.assert_array_equal(generate(staged), generate(full))
+
+
+def test_staged_keeps_only_the_running_model_and_loads_each_once(pipeline_dir_512, monkeypatch):
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, memory="staged")
+    loads, resident_while_running = [], []
+    for name, load in list(pipe._loaders.items()):
+        monkeypatch.setitem(pipe._loaders, name, lambda name=name, load=load: loads.append(name) or load())
+    real_running = components.running
+
+    def spy(p, name):
+        resident_while_running.append((name, sorted(n for n in components.MODELS if p._loaded.get(n) is not None)))
+        return real_running(p, name)
+
+    monkeypatch.setattr(pixart.pipeline, "running", spy)
+    monkeypatch.setattr(components, "running", spy)
+    generate(pipe, negative_prompt="blurry")  # prompt and negative prompt: still one text-encoder load
+    assert loads == ["text_encoder", "transformer", "vae"]
+    assert [n for n, resident in resident_while_running] == ["text_encoder", "transformer", "vae"]
+    assert all(resident == [] for _, resident in resident_while_running)  # nothing else was resident
+    assert all(pipe._loaded.get(n) is None for n in components.MODELS)  # all freed at the end
+
+
+def test_auto_chooses_staged_when_the_models_do_not_fit(pipeline_dir_512, monkeypatch):
+    monkeypatch.setattr(components, "available_bytes", lambda device: 1000)
+    assert pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512).memory == "staged"
+    monkeypatch.setattr(components, "available_bytes", lambda device: 64 * 2**30)
+    assert pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512).memory == "full"
+
+
+def test_staged_pipeline_follows_to_dtype_for_models_loaded_later(pipeline_dir_512):
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, memory="staged").to(torch.bfloat16)
+    latents = pipe("artistic", num_inference_steps=1, height=256, width=256, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert latents.dtype == torch.bfloat16
+
+
+def test_offload_needs_cuda_and_unknown_mode_is_named(pipeline_dir_512):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, memory="offload")
+    with pytest.raises(ValueError, match="memory must be one of auto, full, staged, offload"):
+        pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, memory="tiny")
+
+
+def test_user_supplied_models_are_never_released(pipeline_dir_512):
+    transformer = pixart.PixArtTransformer2DModel.from_pretrained(pipeline_dir_512, subfolder="transformer")
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, memory="staged", transformer=transformer)
+    generate(pipe)
+    assert pipe.transformer is transformer
