@@ -46,6 +46,8 @@ class Component:
     def __set__(self, pipe: Any, value: Any) -> None:
         pipe._loaded[self.name] = value
         pipe._loaders.pop(self.name, None)  # the user's object replaces what we would load
+        if self.name in ("tokenizer", "text_encoder"):
+            pipe._encoder_id = None  # cached embeddings belong to the files we loaded, not to this object
 
     def __delete__(self, pipe: Any) -> None:
         self.__set__(pipe, None)

@@ -19,6 +19,7 @@ from .images import OUTPUT_TYPES, ImageProcessor, resize_and_crop_tensor
 from .models.t5 import T5EncoderModel
 from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
+from .prompt_cache import PromptCache, fingerprint
 from .samplers import make_timesteps, randn_tensor, sample
 from .tokenizer import T5Tokenizer, preprocess_prompt, warn_truncated
 from .weights.hub import resolve
@@ -87,6 +88,8 @@ class PixArtAlphaPipeline:
         given = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer}
         self._loaded.update({name: module for name, module in given.items() if name not in self._loaders})
         self.memory = memory
+        self.prompt_cache: PromptCache | None = None
+        self._encoder_id: str | None = None  # identity of the text encoder + tokenizer files, for the cache
         self._execution_target = torch.device(device) if device is not None else None
         self._load_dtype = load_dtype or torch.float32
         self._target_dtype: torch.dtype | None = None
@@ -119,6 +122,7 @@ class PixArtAlphaPipeline:
         device_map: str | None = None,
         variant: str | None = None,
         memory: str = "auto",
+        prompt_cache: PromptCache | str | os.PathLike | bool | None = None,
         **kwargs: Any,
     ) -> "PixArtAlphaPipeline":
         """Load a diffusers PixArt-α folder or Hub id; a component passed as None is not loaded.
@@ -126,6 +130,8 @@ class PixArtAlphaPipeline:
         memory: "full" loads every model now; "staged" loads each from disk when it runs and frees it after;
         "offload" (CUDA) keeps them in CPU memory and moves each to the GPU while it runs; "auto" (default)
         is staged when the models would not fit in the available memory, else full.
+        prompt_cache: True (the default folder), a folder or a PromptCache: T5 embeddings of prompts seen before
+        are read from disk, and the text encoder is not loaded for them (off by default, as in diffusers).
         """
         unknown = sorted(set(kwargs) - set(_HUB_KWARGS) - set(_IGNORED_KWARGS))
         if unknown:
@@ -155,7 +161,12 @@ class PixArtAlphaPipeline:
         for name in wanted:
             if name not in MODELS or memory != "staged":
                 parts[name] = loaders.pop(name)()  # tokenizer and scheduler are small: always loaded now
-        return cls(**parts, loaders=loaders, configs=configs, memory=memory, device=device, load_dtype=torch_dtype)
+        pipe = cls(**parts, loaders=loaders, configs=configs, memory=memory, device=device, load_dtype=torch_dtype)
+        if prompt_cache and "text_encoder" in wanted and "tokenizer" in wanted:
+            pipe.prompt_cache = prompt_cache if isinstance(prompt_cache, PromptCache) else \
+                PromptCache(None if prompt_cache is True else prompt_cache)
+            pipe._encoder_id = fingerprint(subfolders["text_encoder"], subfolders["tokenizer"])
+        return pipe
 
     def to(self, *args: Any, **kwargs: Any) -> "PixArtAlphaPipeline":
         """Move (and optionally cast) the models: `.to("cuda")`, `.to(torch.bfloat16)`, `.to(device, dtype)`.
@@ -293,13 +304,24 @@ class PixArtAlphaPipeline:
         texts = [preprocess_prompt(t, clean_caption) for t in texts]
         if truncation_warning:
             warn_truncated(self.tokenizer, texts, max_length)
-        tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                                add_special_tokens=True, return_tensors="pt")
-        text_encoder = held.get()
-        te_device = _module_device(text_encoder)
-        mask = tokens.attention_mask.to(te_device)
-        embeds = text_encoder(tokens.input_ids.to(te_device), attention_mask=mask)[0]
-        return embeds.to(device), mask.to(device)
+        cache = self.prompt_cache if self._encoder_id is not None else None
+        keys = [cache.key(f"{self._encoder_id}/{self.dtype}", t, max_length, clean_caption) for t in texts] \
+            if cache else []
+        found = [cache.get(k) for k in keys] if cache else [None] * len(texts)
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        if missing:  # only now is the text encoder needed (and, when staged, loaded)
+            tokens = self.tokenizer([texts[i] for i in missing], padding="max_length", max_length=max_length,
+                                    truncation=True, add_special_tokens=True, return_tensors="pt")
+            text_encoder = held.get()
+            te_device = _module_device(text_encoder)
+            mask = tokens.attention_mask.to(te_device)
+            embeds = text_encoder(tokens.input_ids.to(te_device), attention_mask=mask)[0]  # (B, L, D)
+            for j, i in enumerate(missing):
+                found[i] = embeds[j], mask[j]
+                if cache:
+                    cache.put(keys[i], embeds[j], mask[j])
+        embeds = torch.stack([e.to(device) for e, _ in found])
+        return embeds, torch.stack([m.to(device) for _, m in found])
 
     def _embedding_dtype(self, prompt_embeds: torch.Tensor) -> torch.dtype:
         """The dtype the transformer computes in (else the text encoder's, else the embeddings' own)."""
