@@ -84,3 +84,9 @@ def pipeline_dir_1024(tmp_path_factory, spm_file) -> Path:
 def pipeline_dir_512(tmp_path_factory, spm_file) -> Path:
     """sample_size 64: no micro-conditions, the 512 bins."""
     return build_pipeline_folder(tmp_path_factory.mktemp("pipe"), spm_file, 64, seed=1)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test (and the processes it starts) uses its own prompt-embedding cache, never ~/.cache."""
+    monkeypatch.setenv("PIXART_CACHE", str(tmp_path / "pixart-cache"))
