@@ -1,0 +1,430 @@
+"""`pixart serve`: OpenAI Images API, a subset of AUTOMATIC1111's API, job events for the web page, health, metrics."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import random
+import re
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..bins import BINS_BY_SAMPLE_SIZE, classify_height_width_bin
+from ..samplers import SAMPLERS
+from .worker import SAMPLER_NAMES, ApiError, Job, Metrics, QueueFull, Settings, Worker
+
+PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+DISCONNECT_POLL_S = 0.1  # how often a waiting request checks whether its client is still there
+JOB_TTL_S = 600  # finished web-page jobs are forgotten after this long
+SIZE_LABELS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))  # width:height presets, snapped to bins
+# lower-case name -> sampler: the class names, the display names, and the names A1111 and k-diffusion use
+SCHEDULER_ALIASES = {
+    **{name.lower(): name for name in SAMPLERS},
+    **{shown.lower(): name for name, shown in SAMPLER_NAMES.items() if name in SAMPLERS},
+    "dpmpp_2m": "DPMSolverMultistepScheduler", "k_dpmpp_2m": "DPMSolverMultistepScheduler",
+    "dpm++": "DPMSolverMultistepScheduler", "k_euler": "EulerDiscreteScheduler", "k_ddim": "DDIMScheduler",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest request the server accepts."""
+
+    max_n: int = 4
+    max_steps: int = 100
+    max_side: int = 2048
+    max_prompt_chars: int = 2000
+
+
+class ImagesRequest(BaseModel):
+    """OpenAI `POST /v1/images/generations`, plus PixArt's own knobs."""
+
+    prompt: str
+    n: int = 1
+    size: str | None = None
+    response_format: str = "b64_json"
+    model: str | None = None  # one model per server: accepted and ignored
+    output_format: str | None = None
+    stream: bool = False
+    negative_prompt: str = ""
+    seed: int | None = None
+    num_inference_steps: int = 20
+    guidance_scale: float = 4.5
+    scheduler: str | None = None
+
+
+class Txt2ImgRequest(BaseModel):
+    """AUTOMATIC1111 `POST /sdapi/v1/txt2img` (the fields PixArt has; others are ignored)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 20
+    cfg_scale: float = 4.5
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    sampler_name: str | None = None
+
+
+class JobRequest(BaseModel):
+    """The web page's `POST /api/jobs`."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int = 20
+    guidance_scale: float = 4.5
+    seed: int | None = None
+    n: int = 1
+    scheduler: str | None = None
+
+
+def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None = None, max_queue: int = 32,
+               max_batch: int = 4, limits: Limits = Limits(),
+               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """The server around the pipeline `load()` returns; it loads on the worker thread once the app starts."""
+    if max_queue < 1 or max_batch < 1:
+        raise ValueError(f"--max-queue and --max-batch must be at least 1, got {max_queue} and {max_batch}")
+    metrics = Metrics()
+    worker = Worker(load, model_name, metrics, max_queue, max_batch, on_load_error)
+    jobs: dict[str, Job] = {}  # the web page's jobs, by id
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        worker.close()
+
+    app = FastAPI(title="pixart", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.worker = worker
+    app.add_middleware(CountRequests, metrics=metrics)
+    for error_type, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(error_type, handler)
+
+    def authorize(request: Request) -> None:
+        check_key(api_key, request.headers.get("authorization"))
+
+    def authorize_events(request: Request) -> None:
+        """EventSource cannot send headers: the events route also takes ?api_key=."""
+        query_key = request.query_params.get("api_key")
+        check_key(api_key, request.headers.get("authorization") or (query_key and f"Bearer {query_key}"))
+
+    def pipeline() -> Any:
+        if worker.pipe is None:
+            raise ApiError(503, "the model is still loading: retry shortly", type="server_error", code="loading",
+                           headers={"Retry-After": "5"})
+        return worker.pipe
+
+    def default_size() -> int:
+        pipe = pipeline()
+        return pipe.transformer.config.sample_size * pipe.vae_scale_factor
+
+    def make_settings(*, prompt: str, negative_prompt: str, width: int | None, height: int | None, steps: int,
+                 guidance_scale: float, scheduler: str | None, n: int, seed: int | None,
+                 names: dict[str, str]) -> Settings:
+        """Check a request against the limits; `names` maps our field names to the route's."""
+        def check(ok: bool, field: str, value: Any, rule: str) -> None:
+            if not ok:
+                raise ApiError(400, f"{field} is {value}: {rule}", param=names.get(field, field), code="invalid_value")
+
+        for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            check(len(text) <= limits.max_prompt_chars, field, f"{len(text)} characters long",
+                  f"max_prompt_chars is {limits.max_prompt_chars}")
+        check(1 <= n <= limits.max_n, "n", n, f"it must be between 1 and max_n = {limits.max_n}")
+        check(1 <= steps <= limits.max_steps, "steps", steps,
+              f"it must be between 1 and max_steps = {limits.max_steps}")
+        width, height = width or default_size(), height or default_size()
+        for field, side in (("width", width), ("height", height)):
+            check(64 <= side <= limits.max_side and side % 8 == 0, field, side,
+                  f"it must be a multiple of 8 between 64 and max_side = {limits.max_side}")
+        check(0 <= guidance_scale <= 100, "guidance_scale", guidance_scale, "it must be between 0 and 100")
+        seed = random.randrange(2**32) if seed is None or seed == -1 else seed
+        check(0 <= seed <= 2**63 - n, "seed", seed, "use -1 or null for a random seed, else 0 to 2**63 - n")
+        return Settings(prompt, negative_prompt, width, height, steps, float(guidance_scale),
+                        sampler(scheduler, pipeline(), names.get("scheduler", "scheduler")),
+                        tuple(seed + i for i in range(n)))
+
+    def submit(settings: Settings) -> Job:
+        job = Job(settings, asyncio.get_running_loop())
+        try:
+            worker.submit(job)
+        except QueueFull:
+            raise ApiError(429, f"the queue is full ({max_queue} jobs waiting): retry later", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(worker.retry_after())}) from None
+        return job
+
+    async def result(job: Job, request: Request) -> list[str]:
+        """The job's images; the job is cancelled if the client goes away first."""
+        while not job.future.done():
+            await asyncio.wait([job.future], timeout=DISCONNECT_POLL_S)
+            if not job.future.done() and await request.is_disconnected():
+                worker.cancel(job)
+        return job.future.result()
+
+    api = APIRouter(dependencies=[Depends(authorize)])
+
+    @api.post("/v1/images/generations")
+    async def images_generations(body: ImagesRequest, request: Request) -> dict:
+        if body.response_format != "b64_json":
+            raise ApiError(400, f"response_format {body.response_format!r} is not supported: this server keeps no "
+                                "image files to link to, use b64_json", param="response_format")
+        if body.output_format not in (None, "png") or body.stream:
+            raise ApiError(400, "only whole PNG images are supported: leave out output_format and stream",
+                           param="output_format" if body.output_format not in (None, "png") else "stream")
+        width, height = parse_size(body.size)
+        job = submit(make_settings(
+            prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height,
+            steps=body.num_inference_steps, guidance_scale=body.guidance_scale, scheduler=body.scheduler, n=body.n,
+            seed=body.seed, names={"steps": "num_inference_steps", "width": "size", "height": "size"},
+        ))
+        images = await result(job, request)
+        return {"created": int(time.time()), "data": [{"b64_json": b, "revised_prompt": body.prompt} for b in images]}
+
+    @api.post("/sdapi/v1/txt2img")
+    async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
+        if body.batch_size < 1 or body.n_iter < 1:
+            raise ApiError(400, "batch_size and n_iter must be at least 1", param="batch_size")
+        job = submit(make_settings(
+            prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width, height=body.height,
+            steps=body.steps, guidance_scale=body.cfg_scale, scheduler=body.sampler_name,
+            n=body.batch_size * body.n_iter, seed=body.seed,
+            names={"n": "batch_size", "guidance_scale": "cfg_scale", "scheduler": "sampler_name"},
+        ))
+        images = await result(job, request)
+        s, n = job.settings, len(job.settings.seeds)
+        info = {"prompt": s.prompt, "all_prompts": [s.prompt] * n, "negative_prompt": s.negative_prompt,
+                "all_negative_prompts": [s.negative_prompt] * n, "seed": s.seeds[0], "all_seeds": list(s.seeds),
+                "width": s.width, "height": s.height, "sampler_name": SAMPLER_NAMES.get(s.scheduler, s.scheduler),
+                "cfg_scale": s.guidance_scale, "steps": s.steps, "batch_size": body.batch_size,
+                "n_iter": body.n_iter, "sd_model_name": model_name}
+        return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info)}
+
+    @api.get("/sdapi/v1/progress")
+    async def progress() -> dict:
+        running, step, total = bool(worker.running), worker.step, worker.total
+        elapsed = time.monotonic() - worker.started_at
+        return {
+            "progress": step / total if running and total else 0.0,
+            "eta_relative": elapsed / step * (total - step) if running and step else 0.0,
+            "state": {"job_count": len(worker.waiting) + len(worker.running), "sampling_step": step if running else 0,
+                      "sampling_steps": total if running else 0, "interrupted": worker.interrupted, "skipped": False},
+            "current_image": None, "textinfo": None,
+        }
+
+    @api.post("/sdapi/v1/interrupt")
+    async def interrupt() -> dict:
+        worker.interrupt()
+        return {}
+
+    @api.get("/sdapi/v1/sd-models")
+    async def sd_models() -> list[dict]:
+        title = Path(model_name).name or model_name
+        return [{"title": title, "model_name": title, "hash": None, "sha256": None, "filename": model_name,
+                 "config": None}]
+
+    @api.get("/sdapi/v1/samplers")
+    async def samplers() -> list[dict]:
+        return [{"name": SAMPLER_NAMES.get(name, name), "aliases": [name], "options": {}} for name in SAMPLERS]
+
+    @api.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(len(worker.waiting), len(worker.running)),
+                                 media_type="text/plain; version=0.0.4")
+
+    @api.post("/api/jobs")
+    async def create_job(body: JobRequest) -> dict:
+        now = time.monotonic()
+        for job_id in [i for i, j in jobs.items() if j.finished_at is not None and now - j.finished_at > JOB_TTL_S]:
+            del jobs[job_id]
+        job = submit(make_settings(
+            prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width, height=body.height,
+            steps=body.steps, guidance_scale=body.guidance_scale, scheduler=body.scheduler, n=body.n, seed=body.seed,
+            names={},
+        ))
+        jobs[job.id] = job
+        return {"job_id": job.id, "seeds": list(job.settings.seeds)}
+
+    @api.delete("/api/jobs/{job_id}")
+    async def cancel_job(job_id: str) -> dict:
+        job = find(jobs, job_id)
+        running = not job.future.done()
+        worker.cancel(job)
+        return {"job_id": job_id, "cancelled": running}
+
+    @app.get("/api/jobs/{job_id}/events", dependencies=[Depends(authorize_events)])
+    async def job_events(job_id: str) -> StreamingResponse:
+        job = find(jobs, job_id)
+        queue = job.subscribe()
+
+        async def stream():
+            try:
+                while True:
+                    event, data = await queue.get()
+                    yield f"event: {event}\ndata: {json.dumps(data)}\n\n"
+                    if event != "progress":
+                        return
+            finally:  # the last listener going away before the end cancels the job
+                job.listeners.discard(queue)
+                if not job.listeners:
+                    worker.cancel(job)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/api/config")
+    async def config() -> dict:
+        pipe, size = pipeline(), default_size()
+        table = BINS_BY_SAMPLE_SIZE.get(pipe.transformer.config.sample_size)
+        return {
+            "model": model_name, "sizes": size_presets(table, size),
+            "defaults": {"steps": 20, "guidance_scale": 4.5, "width": size, "height": size},
+            "limits": {"max_n": limits.max_n, "max_steps": limits.max_steps, "max_side": limits.max_side,
+                       "max_prompt_chars": limits.max_prompt_chars},
+            "samplers": [SAMPLER_NAMES.get(name, name) for name in SAMPLERS], "auth": api_key is not None,
+        }
+
+    @app.get("/health")
+    async def health() -> dict:
+        if worker.pipe is None:
+            message = f"loading the model failed: {worker.load_error}" if worker.load_error else "the model is loading"
+            raise ApiError(503, message, type="server_error", code="loading")
+        return {"status": "ok"}
+
+    @app.get("/", response_model=None)
+    async def page() -> FileResponse | PlainTextResponse:
+        if PAGE.is_file():
+            return FileResponse(PAGE, media_type="text/html")
+        return PlainTextResponse("pixart serve: the web page is not installed; the API is at /v1/images/generations")
+
+    app.include_router(api)
+    return app
+
+
+def check_key(api_key: str | None, authorization: str | None) -> None:
+    """Raise 401 unless `authorization` is "Bearer <api_key>" (or no key is set)."""
+    if api_key is None:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        raise ApiError(401, "missing or wrong API key: send the header `Authorization: Bearer KEY`",
+                       type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def sampler(name: str | None, pipe: Any, param: str) -> str:
+    """The SAMPLERS key a request names (any alias, any case); None means the model's own."""
+    if name is None or name == "":
+        return pipe.scheduler.class_name
+    if name.lower() not in SCHEDULER_ALIASES:
+        known = ", ".join(SAMPLER_NAMES.get(n, n) for n in SAMPLERS)
+        raise ApiError(400, f"unknown scheduler {name!r}: choose one of {known}", param=param)
+    return SCHEDULER_ALIASES[name.lower()]
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """OpenAI's "WxH" (or "auto"/None for the model's size) as (width, height)."""
+    if size is None or size == "auto":
+        return None, None
+    match = re.fullmatch(r"(\d+)x(\d+)", size.strip())
+    if not match:
+        raise ApiError(400, f"size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)", param="size")
+    return int(match[1]), int(match[2])
+
+
+def size_presets(table: dict[str, list[float]] | None, default: int) -> list[dict]:
+    """The common aspect ratios snapped to the model's bins, or just the default size without bins."""
+    if table is None:
+        return [{"label": "1:1", "width": default, "height": default}]
+    out, seen = [], set()
+    for w, h in SIZE_LABELS:
+        height, width = classify_height_width_bin(h, w, table)
+        if (width, height) not in seen:
+            seen.add((width, height))
+            out.append({"label": f"{w}:{h}", "width": width, "height": height})
+    return out
+
+
+def find(jobs: dict[str, Job], job_id: str) -> Job:
+    if job_id not in jobs:
+        raise ApiError(404, f"no job {job_id!r} (finished jobs are kept {JOB_TTL_S} s)", param="job_id",
+                       code="not_found")
+    return jobs[job_id]
+
+
+async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    first = e.errors()[0]
+    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+    message = f"{param}: {first['msg']}" if param else first["msg"]
+    return await _api_error(request, ApiError(400, message, param=param, code=first.get("type")))
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return await _api_error(request, ApiError(e.status_code, str(e.detail), code=code, headers=e.headers))
+
+
+async def _server_error(request: Request, e: Exception) -> JSONResponse:
+    return await _api_error(request, ApiError(500, f"internal error: {e}", type="server_error"))
+
+
+ERROR_HANDLERS = {ApiError: _api_error, RequestValidationError: _validation_error,
+                  StarletteHTTPException: _http_error, Exception: _server_error}
+
+
+class CountRequests:
+    """ASGI middleware: count requests by route template and status for /metrics."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            self.metrics.count_request(route.path if route is not None else "unmatched", status)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """`pixart serve`: listen at once, load the pipeline in the background, serve until interrupted."""
+    import uvicorn
+
+    from ..cli import load_pipeline
+
+    server: uvicorn.Server | None = None
+
+    def stop(error: BaseException) -> None:
+        server.should_exit = True
+
+    app = create_app(lambda: load_pipeline(args), model_name=str(args.model), api_key=args.api_key,
+                     max_queue=args.max_queue, max_batch=args.max_batch, on_load_error=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))
+    server.run()
+    if app.state.worker.load_error is not None:
+        raise app.state.worker.load_error

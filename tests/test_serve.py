@@ -1,0 +1,437 @@
+"""The HTTP server, started for real on a loopback port around the tiny 512 pipeline, driven over HTTP."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from pixart import PixArtAlphaPipeline
+from pixart.cli import build_parser
+from pixart.serve.app import Limits, create_app, serve
+
+KEY = "secret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+STEPS = 2
+
+
+class GatedPipeline(PixArtAlphaPipeline):
+    """The real pipeline recording its calls; `gate` holds a call before it starts, `step_gate` each step's end."""
+
+    def __init__(self, pipe: PixArtAlphaPipeline):
+        super().__init__(**pipe.components)
+        self.gate, self.step_gate = threading.Event(), threading.Event()
+        self.gate.set()
+        self.step_gate.set()
+        self.entered, self.stepped = threading.Event(), threading.Event()
+        self.calls: list[dict] = []
+
+    def hold(self) -> None:
+        """Hold the next call at the gate; `entered` tells when the worker is there."""
+        self.entered.clear()
+        self.gate.clear()
+
+    def __call__(self, prompt, **kwargs):
+        record = {"prompts": list(prompt), "steps": 0, "stopped": False}
+        self.calls.append(record)
+        self.entered.set()
+        assert self.gate.wait(30)
+        server_callback = kwargs["callback_on_step_end"]
+
+        def callback(pipe, i, t, tensors):
+            record["steps"] = i + 1
+            self.stepped.set()
+            assert self.step_gate.wait(30)
+            return server_callback(pipe, i, t, tensors)
+
+        try:
+            return super().__call__(prompt, **{**kwargs, "callback_on_step_end": callback})
+        except Exception:
+            record["stopped"] = True
+            raise
+
+
+@pytest.fixture(scope="module")
+def pipe(pipeline_dir_512) -> PixArtAlphaPipeline:
+    pipe = PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextmanager
+def running(app):
+    """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture
+def server(pipe):
+    """A started server with the API key and a max_queue of 2 around a GatedPipeline; yields (client, gated)."""
+    gated = GatedPipeline(pipe)
+    app = create_app(lambda: gated, model_name="tiny-512", api_key=KEY, max_queue=2, max_batch=4,
+                     limits=Limits(max_n=4, max_steps=50, max_side=1024, max_prompt_chars=200))
+    with running(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
+        wait_until(lambda: client.get("/health").status_code == 200)
+        yield client, gated
+
+
+def wait_until(condition, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def metric(client: httpx.Client, name: str) -> float:
+    """One sample of /metrics (name may carry its labels)."""
+    text = client.get("/metrics").text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(match[1]) if match else 0.0
+
+
+def decode(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def reference(pipe, prompt: str, seeds: list[int], width: int = 256, height: int = 256, negative: str = "",
+              guidance: float = 4.5) -> list[np.ndarray]:
+    """The pipeline's own images for these seeds (one CPU generator per image)."""
+    images = pipe(prompt, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=guidance,
+                  width=width, height=height, num_images_per_prompt=len(seeds),
+                  generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    return [np.asarray(im) for im in images]
+
+
+def openai_body(prompt: str, **kw) -> dict:
+    return {"prompt": prompt, "size": "256x256", "seed": 5, "num_inference_steps": STEPS, **kw}
+
+
+def test_openai_route_answers_the_images_api_with_the_pipelines_images(server, pipe):
+    client, _ = server
+    r = client.post("/v1/images/generations", json=openai_body("a red circle", n=2, seed=7, model="anything"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert isinstance(body["created"], int) and abs(body["created"] - time.time()) < 60
+    assert [d["revised_prompt"] for d in body["data"]] == ["a red circle"] * 2
+    images = [decode(d["b64_json"]) for d in body["data"]]
+    assert all(im.format == "PNG" and im.size == (256, 256) for im in images)
+    for got, want in zip(images, reference(pipe, "a red circle", [7, 8])):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    chunk = json.loads(images[1].text["parameters"])
+    assert chunk == {"prompt": "a red circle", "negative_prompt": "", "width": 256, "height": 256, "steps": STEPS,
+                     "guidance_scale": 4.5, "scheduler": "DPM++ 2M", "seed": 8, "model": "tiny-512"}
+
+
+def test_a1111_txt2img_returns_the_pipelines_images_with_the_seeds_in_info(server, pipe):
+    client, _ = server
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a blue square", "negative_prompt": "blurry", "seed": -1,
+                                               "steps": STEPS, "cfg_scale": 3.0, "width": 256, "height": 320,
+                                               "batch_size": 2, "sampler_name": "Euler", "restore_faces": False})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    info = json.loads(body["info"])
+    seed = info["seed"]
+    assert info["all_seeds"] == [seed, seed + 1] and info["sampler_name"] == "Euler"
+    assert body["parameters"]["prompt"] == "a blue square" and len(body["images"]) == 2
+    pipe.scheduler = pipe.scheduler.replace(class_name="EulerDiscreteScheduler")
+    try:
+        want = reference(pipe, "a blue square", [seed, seed + 1], width=256, height=320, negative="blurry",
+                         guidance=3.0)
+    finally:
+        pipe.scheduler = pipe.scheduler.replace(class_name="DPMSolverMultistepScheduler")
+    for got, w in zip(body["images"], want):
+        np.testing.assert_array_equal(np.asarray(decode(got)), w)
+
+
+def test_every_route_but_health_and_the_page_needs_the_key(server):
+    client, _ = server
+    bare = httpx.Client(base_url=str(client.base_url), timeout=30)
+    routes = [("POST", "/v1/images/generations", openai_body("x")), ("POST", "/sdapi/v1/txt2img", {}),
+              ("GET", "/sdapi/v1/progress", None), ("POST", "/sdapi/v1/interrupt", None),
+              ("GET", "/sdapi/v1/sd-models", None), ("GET", "/sdapi/v1/samplers", None), ("GET", "/metrics", None),
+              ("POST", "/api/jobs", {"prompt": "x"}), ("DELETE", "/api/jobs/abc", None),
+              ("GET", "/api/jobs/abc/events", None)]
+    for method, path, body in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = bare.request(method, path, json=body, headers=headers)
+            assert r.status_code == 401, (method, path, r.text)
+            assert r.json()["error"]["type"] == "authentication_error" and r.headers["WWW-Authenticate"] == "Bearer"
+    assert bare.get("/health").status_code == 200
+    assert bare.get("/").status_code == 200
+    assert bare.get("/api/config").json()["auth"] is True
+    assert client.get("/sdapi/v1/samplers").status_code == 200
+    job = client.post("/api/jobs", json={"prompt": "x", "steps": 1, "width": 256, "height": 256}).json()
+    events = bare.get(f"/api/jobs/{job['job_id']}/events", params={"api_key": KEY})  # EventSource sends no headers
+    assert events.status_code == 200 and "event: done" in events.text
+    assert bare.get(f"/api/jobs/{job['job_id']}/events", params={"api_key": "wrong"}).status_code == 401
+
+
+@pytest.mark.parametrize("path, body, param, says", [
+    ("/v1/images/generations", {"size": "256x256"}, "prompt", "Field required"),
+    ("/v1/images/generations", openai_body("x", n=5), "n", "max_n = 4"),
+    ("/v1/images/generations", openai_body("x", n="two"), "n", "integer"),
+    ("/v1/images/generations", openai_body("x", num_inference_steps=51), "num_inference_steps", "max_steps = 50"),
+    ("/v1/images/generations", openai_body("x", size="2048x2048"), "size", "max_side = 1024"),
+    ("/v1/images/generations", openai_body("x", size="250x256"), "size", "multiple of 8"),
+    ("/v1/images/generations", openai_body("x", size="big"), "size", "WIDTHxHEIGHT"),
+    ("/v1/images/generations", openai_body("y" * 201), "prompt", "201 characters long: max_prompt_chars is 200"),
+    ("/v1/images/generations", openai_body("x", response_format="url"), "response_format", "b64_json"),
+    ("/v1/images/generations", openai_body("x", scheduler="Heun"), "scheduler", "DPM++ 2M"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 3, "n_iter": 2}, "batch_size", "max_n = 4"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": -1}, "cfg_scale", "between 0 and 100"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Euler a"}, "sampler_name", "unknown scheduler"),
+    ("/api/jobs", {"prompt": "x", "width": 4096}, "width", "max_side"),
+])
+def test_bad_fields_answer_400_in_the_error_envelope_naming_the_field(server, path, body, param, says):
+    client, gated = server
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param and says in error["message"]
+    assert gated.calls == []
+
+
+def test_unknown_routes_methods_and_bad_json_answer_in_the_error_envelope(server):
+    client, _ = server
+    for r, status in ((client.get("/v1/nothing"), 404), (client.get("/v1/images/generations"), 405),
+                      (client.post("/v1/images/generations", content=b"{not json",
+                                   headers={"Content-Type": "application/json"}), 400)):
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_every_accepted_request_completes(server):
+    client, gated = server
+    gated.hold()
+    with ThreadPoolExecutor(8) as pool:
+        held = pool.submit(client.post, "/v1/images/generations", json=openai_body("held"))
+        assert gated.entered.wait(10)  # the worker holds the first job: max_queue (2) can wait behind it
+        burst = [pool.submit(client.post, "/v1/images/generations", json=openai_body(f"p{i}", seed=i))
+                 for i in range(2 + 5)]
+        wait_until(lambda: sum(f.done() for f in burst) == 5 and metric(client, "pixart_queue_size") == 2)
+        gated.gate.set()
+        responses = [f.result() for f in burst]
+        assert held.result().status_code == 200
+    rejected = [r for r in responses if r.status_code == 429]
+    assert len(rejected) == 5 and sum(r.status_code == 200 for r in responses) == 2
+    for r in rejected:
+        assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "queue_full"
+    assert sum(len(c["prompts"]) for c in gated.calls) == 3
+
+
+def test_compatible_waiting_requests_run_as_one_batch_equal_to_solo_runs(server, pipe):
+    client, gated = server
+    gated.hold()
+    requests = [("a cat", "dark", 11), ("a dog on grass", "", 22)]
+    with ThreadPoolExecutor(3) as pool:
+        held = pool.submit(client.post, "/v1/images/generations", json=openai_body("held", num_inference_steps=1))
+        assert gated.entered.wait(10)
+        pair = [pool.submit(client.post, "/v1/images/generations",
+                            json=openai_body(prompt, negative_prompt=negative, seed=seed))
+                for prompt, negative, seed in requests]
+        wait_until(lambda: metric(client, "pixart_queue_size") == 2)
+        gated.gate.set()
+        assert held.result().status_code == 200
+        results = [f.result().json()["data"][0]["b64_json"] for f in pair]
+    assert [sorted(c["prompts"]) for c in gated.calls] == [["held"], ["a cat", "a dog on grass"]]  # the pair: one call
+    for got, (prompt, negative, seed) in zip(results, requests):
+        # same noise, prompt and negative prompt as alone; only the kernels' float rounding may differ: MKL's
+        # small-M GEMMs (the timestep embedder at batch 4 vs 2) differ in the last bits, which moves a handful
+        # of pixels by one level. A wrong generator or prompt pairing would change every pixel.
+        diff = np.abs(np.asarray(decode(got)).astype(int) - reference(pipe, prompt, [seed], negative=negative)[0])
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
+def raw_post(client: httpx.Client, path: str, body: dict) -> socket.socket:
+    """Send a request on a bare socket, to hang up on it later."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((client.base_url.host, client.base_url.port))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json"
+                 f"\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def test_a_client_that_hangs_up_has_its_waiting_job_dropped_and_its_running_job_stopped(server):
+    client, gated = server
+    gated.hold()
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(client.post, "/v1/images/generations", json=openai_body("held"))
+        assert gated.entered.wait(10)
+        waiting = raw_post(client, "/v1/images/generations", openai_body("dropped"))
+        wait_until(lambda: metric(client, "pixart_queue_size") == 1)
+        waiting.close()
+        wait_until(lambda: metric(client, "pixart_queue_size") == 0)  # dropped while the worker is still held
+        gated.gate.set()
+        assert held.result().status_code == 200
+    assert all("dropped" not in c["prompts"] for c in gated.calls)
+
+    gated.stepped.clear()
+    gated.step_gate.clear()
+    running = raw_post(client, "/v1/images/generations", openai_body("stopped", num_inference_steps=20))
+    assert gated.stepped.wait(10)  # the job is inside its first step
+    running.close()
+    wait_until(lambda: metric(client, "pixart_jobs_cancelled_total") == 2)
+    gated.step_gate.set()
+    wait_until(lambda: gated.calls[-1]["stopped"])
+    assert gated.calls[-1]["prompts"] == ["stopped"] and gated.calls[-1]["steps"] == 1  # of 20
+
+
+def test_metrics_count_requests_by_route_and_status_images_and_seconds(server):
+    client, _ = server
+    assert client.post("/v1/images/generations", json=openai_body("x", n=2)).status_code == 200
+    assert client.post("/v1/images/generations", json=openai_body("x", n=9)).status_code == 400
+    assert httpx.post(f"{client.base_url}/v1/images/generations", json=openai_body("x")).status_code == 401
+    assert client.get("/sdapi/v1/samplers").status_code == 200
+    text = client.get("/metrics").text
+    assert "# TYPE pixart_seconds_per_image histogram" in text
+    route = 'pixart_requests_total{route="/v1/images/generations",status="%d"}'
+    assert [metric(client, route % s) for s in (200, 400, 401)] == [1, 1, 1]
+    assert metric(client, 'pixart_requests_total{route="/sdapi/v1/samplers",status="200"}') == 1
+    assert metric(client, "pixart_images_generated_total") == 2
+    assert metric(client, "pixart_seconds_per_image_count") == 2 and metric(client, "pixart_seconds_per_image_sum") > 0
+    assert metric(client, 'pixart_seconds_per_image_bucket{le="+Inf"}') == 2
+    assert metric(client, "pixart_queue_size") == 0
+
+
+def test_health_is_503_while_loading_then_200(pipe):
+    loaded = threading.Event()
+
+    def load():
+        assert loaded.wait(20)
+        return pipe
+
+    with running(create_app(load, model_name="tiny")) as url:
+        r = httpx.get(f"{url}/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        assert httpx.post(f"{url}/v1/images/generations", json=openai_body("x")).status_code == 503
+        loaded.set()
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 200)
+
+
+def sse(response: httpx.Response) -> list[tuple[str, dict]]:
+    """(event, data) pairs of a text/event-stream."""
+    events = []
+    for block in response.text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def test_job_events_stream_progress_then_done_and_delete_cancels(server, pipe):
+    client, gated = server
+    config = client.get("/api/config").json()
+    assert {"label": "1:1", "width": 512, "height": 512} in config["sizes"] and "DPM++ 2M" in config["samplers"]
+    assert config["defaults"] == {"steps": 20, "guidance_scale": 4.5, "width": 512, "height": 512}
+    job = client.post("/api/jobs", json={"prompt": "a tree", "width": 256, "height": 256, "steps": STEPS,
+                                         "seed": None}).json()
+    events = sse(client.get(f"/api/jobs/{job['job_id']}/events"))
+    assert events[:-1] == [("progress", {"step": 1, "total": STEPS}), ("progress", {"step": 2, "total": STEPS})]
+    kind, done = events[-1]
+    assert kind == "done" and done["seeds"] == job["seeds"] and done["settings"]["prompt"] == "a tree"
+    np.testing.assert_array_equal(np.asarray(decode(done["images"][0])), reference(pipe, "a tree", job["seeds"])[0])
+
+    gated.hold()
+    held = client.post("/api/jobs", json={"prompt": "held", "steps": 1}).json()
+    assert gated.entered.wait(10)
+    queued = client.post("/api/jobs", json={"prompt": "never", "steps": 1}).json()
+    assert client.delete(f"/api/jobs/{queued['job_id']}").json() == {"job_id": queued["job_id"], "cancelled": True}
+    assert sse(client.get(f"/api/jobs/{queued['job_id']}/events")) == [("error", {"message": "the job was cancelled"})]
+    gated.gate.set()
+    assert sse(client.get(f"/api/jobs/{held['job_id']}/events"))[-1][0] == "done"
+    assert client.get("/api/jobs/nope/events").status_code == 404
+
+
+def test_a1111_progress_interrupt_models_and_samplers(server):
+    client, gated = server
+    idle = client.get("/sdapi/v1/progress").json()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
+    assert client.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "tiny-512"
+    assert {s["name"] for s in client.get("/sdapi/v1/samplers").json()} >= {"DPM++ 2M", "Euler", "DDIM"}
+    gated.step_gate.clear()
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(client.post, "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 10, "width": 256,
+                                                                  "height": 256})
+        assert gated.stepped.wait(10)
+        busy = client.get("/sdapi/v1/progress").json()
+        assert busy["state"]["sampling_steps"] == 10 and busy["state"]["job_count"] == 1
+        assert client.post("/sdapi/v1/interrupt").status_code == 200
+        gated.step_gate.set()
+        r = job.result()
+    assert r.status_code == 409 and r.json()["error"]["code"] == "interrupted"
+    assert gated.calls[-1]["steps"] == 1
+
+
+def test_the_openai_sdk_parses_the_response(server, pipe):
+    openai = pytest.importorskip("openai")
+    client, _ = server
+    sdk = openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=KEY, max_retries=0)
+    result = sdk.images.generate(prompt="a small cactus", n=1, size="256x256", response_format="b64_json",
+                                 extra_body={"seed": 3, "num_inference_steps": STEPS})
+    want = reference(pipe, "a small cactus", [3])[0]
+    np.testing.assert_array_equal(np.asarray(decode(result.data[0].b64_json)), want)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{client.base_url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
+    with pytest.raises(openai.BadRequestError, match="max_n = 4"):
+        sdk.images.generate(prompt="x", n=5)
+
+
+def test_serve_raises_the_load_error_and_stops(tmp_path):
+    args = build_parser().parse_args(["serve", "--model", str(tmp_path / "missing"), "--port", "0"])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        serve(args)
+
+
+def test_pixart_serve_command_listens_loads_and_stops_on_ctrl_c(pipeline_dir_512):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "pixart", "serve", "--model", str(pipeline_dir_512), "--port",
+                             str(port), "--dtype", "fp32", "--device", "cpu", "--api-key", KEY],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        def healthy() -> bool:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(healthy, timeout=60)
+        assert httpx.get(f"{url}/api/config").json()["model"] == str(pipeline_dir_512)
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/metrics", headers=AUTH).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 130  # `pixart: interrupted`, after uvicorn's graceful shutdown
