@@ -17,7 +17,9 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from . import dist
+from .components import MEMORY_MODES
 from .hardware import default_device, default_dtype
+from .prompt_cache import PromptCache
 from .weights.files import WeightsError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,6 +35,15 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer", default=None, metavar="FILE",
                         help="transformer weights to use instead of the model's: an original PixArt-XL-2-*.pth or a "
                              "single .safetensors file")
+    parser.add_argument("--memory", choices=MEMORY_MODES, default="auto",
+                        help="full: all models resident; staged: each loaded when it runs and freed after; offload "
+                             "(CUDA): each on the GPU only while it runs; auto (default): staged when full won't fit")
+    parser.add_argument("--no-prompt-cache", action="store_true",
+                        help="do not read or write the on-disk cache of prompt embeddings")
+    parser.add_argument("--prompt-cache-dir", default=None, help="where the prompt-embedding cache lives "
+                        "(default: $PIXART_CACHE or ~/.cache/pixart, then prompt-embeddings/)")
+    parser.add_argument("--prompt-cache-size", type=float, default=2.0, metavar="GB",
+                        help="most disk the prompt cache may use, least recently used evicted first (default 2 GB)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +96,11 @@ def load_pipeline(args: argparse.Namespace):
         config = Path(args.model) / "transformer" if Path(args.model).is_dir() else None
         kwargs["transformer"] = PixArtTransformer2DModel.from_single_file(args.transformer, config=config,
                                                                           torch_dtype=dtype, device=device)
-    return PixArtAlphaPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device, **kwargs)
+    if not args.no_prompt_cache:
+        kwargs["prompt_cache"] = PromptCache(args.prompt_cache_dir and Path(args.prompt_cache_dir) / "prompt-embeddings",
+                                             max_bytes=int(args.prompt_cache_size * 2**30))
+    return PixArtAlphaPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device, memory=args.memory,
+                                               **kwargs)
 
 
 LINE_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": (int, float),

@@ -26,6 +26,7 @@ from .weights.hub import resolve
 
 logger = logging.getLogger("pixart")
 
+TILE_ABOVE = 128 * 128  # latent pixels (a 1024² image) above which decoding is tiled
 _LOAD = object()  # from_pretrained's "load this component from the folder" default
 _HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
 _IGNORED_KWARGS = ("use_safetensors", "low_cpu_mem_usage", "device_map_kwargs")
@@ -476,7 +477,14 @@ class PixArtAlphaPipeline:
             z = latents.to(device=_module_device(vae), dtype=_module_dtype(vae)) / vae.config.scaling_factor
             if vae.config.shift_factor is not None:
                 z = z + vae.config.shift_factor
-            return vae.decode(z, return_dict=False)[0]
+            if not isinstance(vae, AutoencoderKL) or (vae.tiling is not None or z[0, 0].numel() <= TILE_ABOVE):
+                return vae.decode(z, return_dict=False)[0]
+            # past 1024² the decoder's activations dominate memory: decode in tiles, one image at a time
+            vae.enable_tiling()
+            try:
+                return torch.cat([vae.decode(one, return_dict=False)[0] for one in z.split(1)])
+            finally:
+                vae.disable_tiling()
 
 
 def _micro_conditions(cfg, height: int, width: int, batch: int, device, dtype) -> dict[str, torch.Tensor]:

@@ -69,3 +69,15 @@ def test_user_supplied_models_are_never_released(pipeline_dir_512):
     pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, memory="staged", transformer=transformer)
     generate(pipe)
     assert pipe.transformer is transformer
+
+
+def test_images_past_1024_squared_decode_in_tiles(pipeline_dir_512, monkeypatch):
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
+    tiled_calls = []
+    real = pipe.vae._decode_tiled
+    monkeypatch.setattr(pipe.vae, "_decode_tiled", lambda *a: tiled_calls.append(a[0].shape) or real(*a))
+    small = pipe.decode_latents(torch.randn(1, 4, 32, 32))
+    assert tiled_calls == [] and small.shape == (1, 3, 256, 256)
+    big = pipe.decode_latents(torch.randn(2, 4, 136, 136))  # 1088² > 1024²
+    assert len(tiled_calls) == 2 and big.shape == (2, 3, 1088, 1088) and torch.isfinite(big).all()
+    assert pipe.vae.tiling is None  # the user's setting is left as it was

@@ -216,6 +216,23 @@ class AutoencoderKL(PretrainedModel):
         latent = config.latent_channels
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
+        self.tiling: tuple[int, int] | None = None  # (tile, overlap) in latent pixels; off: decode whole
+        self.slicing = False  # decode a batch one image at a time
+
+    def enable_tiling(self, tile: int = 64, overlap: int = 16) -> None:
+        """Decode large latents in overlapping tiles blended linearly: peak memory of one tile, whatever the size."""
+        if not 0 <= overlap < tile:
+            raise ValueError(f"tile overlap must be in [0, tile), got tile {tile}, overlap {overlap}")
+        self.tiling = (tile, overlap)
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
+
+    def enable_slicing(self) -> None:
+        self.slicing = True
+
+    def disable_slicing(self) -> None:
+        self.slicing = False
 
     @classmethod
     def map_keys(cls, tensors: dict[str, Lazy]) -> dict[str, Lazy]:
@@ -242,10 +259,39 @@ class AutoencoderKL(PretrainedModel):
     def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
         """Unscaled latents (B, latent_channels, h, w) -> images (B, 3, 8h, 8w) in about [-1, 1], in the VAE dtype."""
         z = z.to(self.dtype)
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        image = self.decoder(z)
+        if self.slicing and z.shape[0] > 1:
+            image = torch.cat([self._decode(one) for one in z.split(1)])
+        else:
+            image = self._decode(z)
         return DecoderOutput(image) if return_dict else (image,)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.tiling is not None and max(z.shape[-2:]) > self.tiling[0]:
+            return self._decode_tiled(z, *self.tiling)
+        return self._decode_whole(z)
+
+    def _decode_whole(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z) if self.post_quant_conv is not None else z)
+
+    def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+        """Overlapping tile × tile latent windows, each decoded alone, summed with weights that ramp linearly to
+        zero across the overlap (only on sides that touch another tile), then normalised by the summed weights."""
+        B, _, H, W = z.shape
+        f = 2 ** (len(self.config.block_out_channels) - 1)
+        out = torch.zeros(B, self.config.out_channels, H * f, W * f, dtype=torch.float32, device=z.device)
+        total = torch.zeros(1, 1, H * f, W * f, dtype=torch.float32, device=z.device)
+        for top in _tile_starts(H, tile, overlap):
+            for left in _tile_starts(W, tile, overlap):
+                window = z[:, :, top : top + tile, left : left + tile]
+                image = self._decode_whole(window.contiguous())
+                h, w = window.shape[-2:]
+                wy = _ramp(h * f, overlap * f, top > 0, top + h < H, z.device)
+                wx = _ramp(w * f, overlap * f, left > 0, left + w < W, z.device)
+                weight = wy[:, None] * wx[None, :]  # (h·f, w·f)
+                region = (slice(None), slice(None), slice(top * f, (top + h) * f), slice(left * f, (left + w) * f))
+                out[region] += image.float() * weight
+                total[region] += weight
+        return (out / total).to(z.dtype)
 
     def forward(
         self,
@@ -258,3 +304,24 @@ class AutoencoderKL(PretrainedModel):
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z, return_dict)
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Window starts covering [0, size) with windows of `tile` and at least `overlap` shared between neighbours."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]  # the last window ends at the edge
+
+
+def _ramp(n: int, overlap: int, rise: bool, fall: bool, device: torch.device) -> torch.Tensor:
+    """Per-pixel blend weight along one axis of a tile: 1 inside, linear over the overlap toward a neighbour."""
+    w = torch.ones(n, device=device)
+    if overlap > 0:
+        edge = torch.linspace(0, 1, overlap + 2, device=device)[1:-1]  # never exactly 0: every pixel is covered
+        if rise:
+            w[:overlap] = torch.minimum(w[:overlap], edge)
+        if fall:
+            w[-overlap:] = torch.minimum(w[-overlap:], edge.flip(0))
+    return w
