@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..configs import T5Config
-from ..weights.files import Lazy
-from ..weights.loading import PretrainedModel
+from ..quant import QuantSpec, check_stored, quant_spec, quantize_lazily, quantize_linears, read_spec, write_spec
+from ..weights.files import Lazy, WeightsError, lazy_tensors, weight_files
+from ..weights.hub import resolve
+from ..weights.loading import PretrainedModel, load_into
 
 ACTIVATIONS = {
     "gelu_new": partial(F.gelu, approximate="tanh"),
@@ -139,13 +143,57 @@ class T5EncoderModel(PretrainedModel):
 
     config_class = T5Config
     weights_name = "model.safetensors"
-    keep_fp32 = ("*.wo.weight",)  # REFERENCE §3: the FFN output overflows fp16
+    # REFERENCE §3: the FFN output overflows fp16. A quantized wo keeps its scales (and so its compute) in fp32.
+    keep_fp32 = ("*.wo.weight", "*.wo.scale", "*.wo.zeros")
 
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = config
+        self.quantization: QuantSpec | None = None
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = Encoder(config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        variant: str | None = None,
+        quantization: str | QuantSpec | None = None,
+        **config_overrides: Any,
+    ) -> "T5EncoderModel":
+        """Load a float or a saved quantized encoder; `quantization` "int8" / "int4" quantizes a float one as it loads.
+
+        Every linear layer of the blocks is quantized (weight-only); the embedding, the norms and the relative
+        position bias stay in torch_dtype. Float weights are read, quantized and dropped one at a time, so the
+        float model is never whole in memory."""
+        folder = resolve(path_or_id, subfolder)
+        saved, wanted = read_spec(folder / "config.json"), quant_spec(quantization)
+        if saved is None and wanted is None:
+            return super().from_pretrained(folder, None, torch_dtype, device, variant, **config_overrides)
+        if saved is not None and wanted not in (None, saved):
+            raise WeightsError(f"{folder} holds a T5 encoder quantized to {saved.name}, which cannot be requantized "
+                               f"to {wanted.name}: quantize the float encoder instead")
+        spec = saved or wanted
+        config = cls.config_class.from_json(folder / "config.json").replace(**config_overrides)
+        tensors = cls.map_keys(lazy_tensors(weight_files(folder, variant)))
+        with torch.device("meta"):
+            model = cls(config)
+            layers = quantize_linears(model, spec)
+        model.quantization = spec
+        if saved is None:
+            tensors = quantize_lazily(tensors, layers, torch_dtype or torch.float32)
+        else:
+            tensors = check_stored(tensors, layers, str(folder))
+        return load_into(lambda: model, tensors, str(folder), torch_dtype, device, cls.keep_fp32)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors; a quantized encoder records its quantization in config.json."""
+        super().save_pretrained(folder)
+        if self.quantization is not None:
+            write_spec(Path(folder) / "config.json", self.quantization)
 
     @classmethod
     def map_keys(cls, tensors: dict[str, Lazy]) -> dict[str, Lazy]:

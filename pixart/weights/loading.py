@@ -115,6 +115,8 @@ class PretrainedModel(nn.Module):
     def cast(self, dtype: torch.dtype) -> "PretrainedModel":
         """Cast the floating-point parameters to dtype, keeping `keep_fp32` ones in fp32 for fp16."""
         for key, p in self.named_parameters():
+            if not p.is_floating_point():
+                continue  # the integer weights of quantized layers
             target = torch.float32 if _keeps_fp32(key, dtype, self.keep_fp32) else dtype
             p.data = p.data.to(target)
         return self
