@@ -38,6 +38,8 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", choices=MEMORY_MODES, default="auto",
                         help="full: all models resident; staged: each loaded when it runs and freed after; offload "
                              "(CUDA): each on the GPU only while it runs; auto (default): staged when full won't fit")
+    parser.add_argument("--quantize-text-encoder", choices=["int8", "int4"], default=None,
+                        help="weight-only quantization of T5 while it loads: int8 (~4.8 GB for T5-XXL) or int4")
     parser.add_argument("--no-prompt-cache", action="store_true",
                         help="do not read or write the on-disk cache of prompt embeddings")
     parser.add_argument("--prompt-cache-dir", default=None, help="where the prompt-embedding cache lives "
@@ -100,7 +102,7 @@ def load_pipeline(args: argparse.Namespace):
         kwargs["prompt_cache"] = PromptCache(args.prompt_cache_dir and Path(args.prompt_cache_dir) / "prompt-embeddings",
                                              max_bytes=int(args.prompt_cache_size * 2**30))
     return PixArtAlphaPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device, memory=args.memory,
-                                               **kwargs)
+                                               text_encoder_quantization=args.quantize_text_encoder, **kwargs)
 
 
 LINE_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": (int, float),

@@ -124,6 +124,7 @@ class PixArtAlphaPipeline:
         variant: str | None = None,
         memory: str = "auto",
         prompt_cache: PromptCache | str | os.PathLike | bool | None = None,
+        text_encoder_quantization: str | None = None,
         **kwargs: Any,
     ) -> "PixArtAlphaPipeline":
         """Load a diffusers PixArt-α folder or Hub id; a component passed as None is not loaded.
@@ -131,6 +132,7 @@ class PixArtAlphaPipeline:
         memory: "full" loads every model now; "staged" loads each from disk when it runs and frees it after;
         "offload" (CUDA) keeps them in CPU memory and moves each to the GPU while it runs; "auto" (default)
         is staged when the models would not fit in the available memory, else full.
+        text_encoder_quantization: "int8" or "int4" quantizes T5's linear layers (weight-only) while loading it.
         prompt_cache: True (the default folder), a folder or a PromptCache: T5 embeddings of prompts seen before
         are read from disk, and the text encoder is not loaded for them (off by default, as in diffusers).
         """
@@ -150,7 +152,8 @@ class PixArtAlphaPipeline:
         makers: dict[str, Callable[[Path], Any]] = {
             "tokenizer": T5Tokenizer.from_pretrained,
             "text_encoder": lambda p: T5EncoderModel.from_pretrained(p, torch_dtype=torch_dtype, device=load_device,
-                                                                     variant=variant),
+                                                                     variant=variant,
+                                                                     quantization=text_encoder_quantization),
             "vae": lambda p: load_vae(p, torch_dtype, load_device),
             "transformer": lambda p: PixArtTransformer2DModel.from_pretrained(p, torch_dtype=torch_dtype,
                                                                               device=load_device, variant=variant),
@@ -166,7 +169,8 @@ class PixArtAlphaPipeline:
         if prompt_cache and "text_encoder" in wanted and "tokenizer" in wanted:
             pipe.prompt_cache = prompt_cache if isinstance(prompt_cache, PromptCache) else \
                 PromptCache(None if prompt_cache is True else prompt_cache)
-            pipe._encoder_id = fingerprint(subfolders["text_encoder"], subfolders["tokenizer"])
+            pipe._encoder_id = fingerprint(subfolders["text_encoder"], subfolders["tokenizer"],
+                                           extra={"quantization": text_encoder_quantization})
         return pipe
 
     def to(self, *args: Any, **kwargs: Any) -> "PixArtAlphaPipeline":

@@ -81,3 +81,15 @@ def test_images_past_1024_squared_decode_in_tiles(pipeline_dir_512, monkeypatch)
     big = pipe.decode_latents(torch.randn(2, 4, 136, 136))  # 1088² > 1024²
     assert len(tiled_calls) == 2 and big.shape == (2, 3, 1088, 1088) and torch.isfinite(big).all()
     assert pipe.vae.tiling is None  # the user's setting is left as it was
+
+
+def test_int8_text_encoder_through_the_pipeline_is_close_to_float(pipeline_dir_512):
+    """The pipeline kwarg reaches T5's quantize-while-loading; the tiny encoder's int8 embeddings stay close."""
+    float_pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, transformer=None, vae=None)
+    int8_pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, transformer=None, vae=None,
+                                                           text_encoder_quantization="int8")
+    assert int8_pipe.text_encoder.quantization.name == "int8"
+    a, _, _, _ = float_pipe.encode_prompt("a red circle on a white background")
+    b, _, _, _ = int8_pipe.encode_prompt("a red circle on a white background")
+    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+    assert cos.min() > 0.98, cos.min()
