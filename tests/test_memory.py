@@ -93,3 +93,32 @@ def test_int8_text_encoder_through_the_pipeline_is_close_to_float(pipeline_dir_5
     b, _, _, _ = int8_pipe.encode_prompt("a red circle on a white background")
     cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
     assert cos.min() > 0.98, cos.min()
+
+
+def test_seed_walkthrough_with_an_8bit_text_encoder_gives_the_one_shot_image(pipeline_dir_512):
+    """The low-memory recipe of the README, step by step, equals one call of a pipeline with the same int8 T5."""
+    import gc
+
+    text_encoder = pixart.T5EncoderModel.from_pretrained(pipeline_dir_512, subfolder="text_encoder",
+                                                         quantization="int8")
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, text_encoder=text_encoder, transformer=None)
+    with torch.no_grad():
+        pe, pm, ne, nm = pipe.encode_prompt("cute cat")
+    del text_encoder, pipe
+    gc.collect()
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, text_encoder=None)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(negative_prompt=None, prompt_embeds=pe, negative_prompt_embeds=ne, prompt_attention_mask=pm,
+                   negative_prompt_attention_mask=nm, num_images_per_prompt=1, output_type="latent",
+                   num_inference_steps=2, generator=torch.Generator().manual_seed(3)).images
+    del pipe.transformer
+    gc.collect()
+    with torch.no_grad():
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    image = pipe.image_processor.postprocess(image, output_type="np")
+
+    one_shot = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, text_encoder_quantization="int8")
+    one_shot.set_progress_bar_config(disable=True)
+    expected = one_shot("cute cat", num_inference_steps=2, generator=torch.Generator().manual_seed(3),
+                        output_type="np", clean_caption=False).images
+    np.testing.assert_allclose(image, expected, atol=1e-5)
