@@ -318,7 +318,7 @@ def test_metrics_count_requests_by_route_and_status_images_and_seconds(server):
     route = 'pixart_requests_total{route="/v1/images/generations",status="%d"}'
     assert [metric(client, route % s) for s in (200, 400, 401)] == [1, 1, 1]
     assert metric(client, 'pixart_requests_total{route="/sdapi/v1/samplers",status="200"}') == 1
-    assert metric(client, "pixart_images_generated_total") == 2
+    assert metric(client, "pixart_images_generated_total") == 2 and metric(client, "pixart_batches_total") == 1
     assert metric(client, "pixart_seconds_per_image_count") == 2 and metric(client, "pixart_seconds_per_image_sum") > 0
     assert metric(client, 'pixart_seconds_per_image_bucket{le="+Inf"}') == 2
     assert metric(client, "pixart_queue_size") == 0

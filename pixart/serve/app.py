@@ -114,10 +114,10 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
     for error_type, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error_type, handler)
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
         check_key(api_key, request.headers.get("authorization"))
 
-    def authorize_events(request: Request) -> None:
+    async def authorize_events(request: Request) -> None:
         """EventSource cannot send headers: the events route also takes ?api_key=."""
         query_key = request.query_params.get("api_key")
         check_key(api_key, request.headers.get("authorization") or (query_key and f"Bearer {query_key}"))
@@ -133,8 +133,8 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         return pipe.transformer.config.sample_size * pipe.vae_scale_factor
 
     def make_settings(*, prompt: str, negative_prompt: str, width: int | None, height: int | None, steps: int,
-                 guidance_scale: float, scheduler: str | None, n: int, seed: int | None,
-                 names: dict[str, str]) -> Settings:
+                      guidance_scale: float, scheduler: str | None, n: int, seed: int | None,
+                      names: dict[str, str]) -> Settings:
         """Check a request against the limits; `names` maps our field names to the route's."""
         def check(ok: bool, field: str, value: Any, rule: str) -> None:
             if not ok:

@@ -114,7 +114,7 @@ class _Stopped(Exception):
 
 
 class QueueFull(Exception):
-    pass
+    """max_queue jobs are already waiting."""
 
 
 class Metrics:
@@ -126,6 +126,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests: Counter = Counter()  # (route, status) -> count
         self.images = 0
+        self.batches = 0
         self.cancelled = 0
         self.seconds_sum = 0.0
         self.buckets = [0] * len(self.BUCKETS)
@@ -143,6 +144,7 @@ class Metrics:
         per_image = seconds / n
         with self._lock:
             self.images += n
+            self.batches += 1
             self.seconds_sum += seconds
             for i, bound in enumerate(self.BUCKETS):
                 if per_image <= bound:
@@ -165,6 +167,8 @@ class Metrics:
                   for (route, status), count in sorted(self.requests.items())),
                 "# HELP pixart_images_generated_total Images generated.",
                 "# TYPE pixart_images_generated_total counter", f"pixart_images_generated_total {self.images}",
+                "# HELP pixart_batches_total Pipeline calls (a batch runs compatible jobs together).",
+                "# TYPE pixart_batches_total counter", f"pixart_batches_total {self.batches}",
                 "# HELP pixart_jobs_cancelled_total Jobs cancelled by their client before they finished.",
                 "# TYPE pixart_jobs_cancelled_total counter", f"pixart_jobs_cancelled_total {self.cancelled}",
                 "# HELP pixart_seconds_per_image Pipeline time per image (a batch's time over its images).",
@@ -249,7 +253,7 @@ class Worker:
             pipe.set_progress_bar_config(disable=True)
             self.default_scheduler = pipe.scheduler
             self.pipe = pipe
-        except BaseException as e:  # noqa: BLE001 -- reported to the server, which exits
+        except Exception as e:  # noqa: BLE001 -- reported to the server, which exits
             logger.exception("loading the pipeline failed")
             self.load_error = e
             if self.on_load_error is not None:
