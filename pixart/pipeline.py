@@ -194,6 +194,17 @@ class PixArtAlphaPipeline:
                 self._place(name, self._loaded[name], device if self.memory != "offload" else None, dtype)
         return self
 
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
+        """Keep the models in CPU memory and move each to the GPU only while it runs (memory="offload")."""
+        target = torch.device(device) if gpu_id is None else torch.device(torch.device(device).type, gpu_id)
+        if target.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"model offloading moves models to a GPU while they run; {target} is not an available "
+                             "CUDA device (on the CPU, load with memory='staged')")
+        for name in MODELS:
+            if self._loaded.get(name) is not None:
+                self._loaded[name].to("cpu")
+        self.memory, self._execution_target = "offload", target
+
     def _place(self, name: str, module: Any, device: torch.device | None, dtype: torch.dtype | None) -> None:
         """Move and cast one model; the VAE stays fp32 when fp16 would overflow, T5 keeps its fp32 layers."""
         if name == "vae" and dtype == torch.float16 and module.config.force_upcast:

@@ -122,3 +122,13 @@ def test_seed_walkthrough_with_an_8bit_text_encoder_gives_the_one_shot_image(pip
     expected = one_shot("cute cat", num_inference_steps=2, generator=torch.Generator().manual_seed(3),
                         output_type="np", clean_caption=False).images
     np.testing.assert_allclose(image, expected, atol=1e-5)
+
+
+def test_enable_model_cpu_offload_needs_a_gpu(pipeline_dir_512):
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
+    if torch.cuda.is_available():
+        pipe.enable_model_cpu_offload()
+        assert pipe.memory == "offload" and pipe.device.type == "cuda" and pipe.transformer.device.type == "cpu"
+    else:
+        with pytest.raises(ValueError, match="not an available CUDA device"):
+            pipe.enable_model_cpu_offload()
