@@ -163,7 +163,8 @@ class Int4Linear(nn.Module):
         """The float weight (N, K) in fp32."""
         N = self.weight.shape[0]
         q = self.unpacked().view(N, -1, self.group_size).float()  # (N, groups, group_size)
-        return ((q - 8) * self.scale.float()[..., None] + self.zeros.float()[..., None]).view(N, -1)
+        scale = self.scale.float()[..., None]
+        return torch.addcmul(self.zeros.float()[..., None] - 8 * scale, q, scale).view(N, -1)  # one pass over q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.scale.dtype)
