@@ -108,9 +108,10 @@ def build_folder() -> None:
         "vae": ["diffusers", "AutoencoderKL"]}))
 
 
-def worker(config: str, size: int, steps: int) -> dict:
+def worker(config: str, size: int, steps: int, dtype_override: str | None) -> dict:
     """One generation with `config`, in this (fresh) process; returns the seconds it took."""
     engine, dtype, memory, quant = CONFIGS[config]
+    dtype = dtype_override or dtype
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     start = time.perf_counter()
     kwargs = dict(num_inference_steps=steps, height=size, width=size, output_type="np",
@@ -135,18 +136,22 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="compute dtype for every configuration (default: each one's own, bf16); fp32 where "
+                             "the CPU has no native bf16 and bf16 would take hours")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.size, args.steps)))
+        print(json.dumps(worker(args.worker, args.size, args.steps, args.dtype)))
         return
     build_folder()
     for config in args.configs:
         cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--worker", config, "--size", str(args.size),
-               "--steps", str(args.steps)]
+               "--steps", str(args.steps)] + (["--dtype", args.dtype] if args.dtype else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-        result = {"config": config, "size": f"{args.size}x{args.size}", "steps": args.steps, "rc": proc.returncode,
+        result = {"config": config, "dtype": args.dtype or CONFIGS[config][1], "size": f"{args.size}x{args.size}",
+                  "steps": args.steps, "rc": proc.returncode,
                   "peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None}
         lines = proc.stdout.strip().splitlines()
         if proc.returncode == 0 and lines:
