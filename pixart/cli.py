@@ -193,7 +193,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         started = time.perf_counter()
         pipe = load_pipeline(args)
         loaded = time.perf_counter()
-        default_size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        default_size = pipe.default_size
         jobs = [replace(j, width=j.width or default_size, height=j.height or default_size) for j in jobs]
         mine = batches(jobs, args.batch_size or (1 if from_file else args.num_images))[dist.rank()::dist.world_size()]
         # Resume: a batch is skipped only when all of it exists; rerunning a partial one keeps its images bit-identical

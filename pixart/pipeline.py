@@ -95,16 +95,21 @@ class PixArtAlphaPipeline:
         self._load_dtype = load_dtype or torch.float32
         self._target_dtype: torch.dtype | None = None
         self.scheduler = _as_scheduler_config(scheduler if scheduler is not None else SchedulerConfig())
-        vae_config = self._config("vae")
+        vae_config = self.model_config("vae")
         scale = 2 ** (len(vae_config.block_out_channels) - 1) if vae_config is not None else 8
         self.vae_scale_factor = scale
         self.image_processor = ImageProcessor(vae_scale_factor=scale)
         self._progress_bar_config: dict[str, Any] = {}
 
-    def _config(self, name: str) -> Any:
-        """A model's config, without loading the model."""
+    def model_config(self, name: str) -> Any:
+        """The config of the transformer or the VAE, without loading the model (a staged pipeline may not have)."""
         module = self._loaded.get(name)
         return module.config if module is not None else self._configs.get(name)
+
+    @property
+    def default_size(self) -> int:
+        """The model's native image side in pixels (sample_size × VAE factor)."""
+        return self.model_config("transformer").sample_size * self.vae_scale_factor
 
     # Loading and placement
 
@@ -394,7 +399,7 @@ class PixArtAlphaPipeline:
         output_type = output_type or "pil"
         _check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, output_type, callback_steps,
                     num_images_per_prompt, callback_on_step_end_tensor_inputs)
-        cfg = self._config("transformer")
+        cfg = self.model_config("transformer")
         height = height or cfg.sample_size * self.vae_scale_factor
         width = width or cfg.sample_size * self.vae_scale_factor
         orig_height, orig_width = height, width

@@ -189,7 +189,7 @@ def test_every_route_but_health_and_the_page_needs_the_key(server):
             assert r.json()["error"]["type"] == "authentication_error" and r.headers["WWW-Authenticate"] == "Bearer"
     assert bare.get("/health").status_code == 200
     assert bare.get("/").status_code == 200
-    assert bare.get("/api/config").json()["auth"] is True
+    assert bare.get("/api/config").json()["auth"] is True  # open: the page reads it before it has the key
     assert client.get("/sdapi/v1/samplers").status_code == 200
     job = client.post("/api/jobs", json={"prompt": "x", "steps": 1, "width": 256, "height": 256}).json()
     events = bare.get(f"/api/jobs/{job['job_id']}/events", params={"api_key": KEY})  # EventSource sends no headers
@@ -429,7 +429,7 @@ def test_pixart_serve_command_listens_loads_and_stops_on_ctrl_c(pipeline_dir_512
                 return False
 
         wait_until(healthy, timeout=60)
-        assert httpx.get(f"{url}/api/config").json()["model"] == str(pipeline_dir_512)
+        assert httpx.get(f"{url}/api/config", headers=AUTH).json()["model"] == str(pipeline_dir_512)
         assert httpx.get(f"{url}/metrics").status_code == 401
         assert httpx.get(f"{url}/metrics", headers=AUTH).status_code == 200
     finally:

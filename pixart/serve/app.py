@@ -130,7 +130,7 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
 
     def default_size() -> int:
         pipe = pipeline()
-        return pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        return pipe.default_size
 
     def make_settings(*, prompt: str, negative_prompt: str, width: int | None, height: int | None, steps: int,
                       guidance_scale: float, scheduler: str | None, n: int, seed: int | None,
@@ -284,10 +284,10 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.get("/api/config")
+    @app.get("/api/config")  # open like / and /health: the page needs it to ask for the key; holds no data
     async def config() -> dict:
         pipe, size = pipeline(), default_size()
-        table = BINS_BY_SAMPLE_SIZE.get(pipe.transformer.config.sample_size)
+        table = BINS_BY_SAMPLE_SIZE.get(pipe.model_config("transformer").sample_size)
         return {
             "model": model_name, "sizes": size_presets(table, size),
             "defaults": {"steps": 20, "guidance_scale": 4.5, "width": size, "height": size},
