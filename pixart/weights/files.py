@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 
 
@@ -77,37 +76,65 @@ def lazy_tensors(files: list[Path], use_ema: bool = False) -> dict[str, Lazy]:
     return out
 
 
+# safetensors dtype names -> torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
 def _safetensors(path: Path, use_ema: bool) -> dict[str, Lazy]:
-    try:
-        f = safe_open(str(path), framework="pt")
-        keys = list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise WeightsError(f"{path} is truncated or corrupted ({e}): delete it and download it again") from None
+    """Each tensor read on demand with one positioned read of its bytes (the header gives the offsets).
+
+    Not mmap: every page of a mapped file that is touched counts in the process's RSS until unmapped, so reading a
+    10 GB fp32 shard to cast it to bf16 would show 10 GB. A plain read leaves only the tensor itself in memory."""
+    header, data_start = _safetensors_header(path)
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightsError(f"{path} has an unreadable header entry for {key} ({e!r}): download it again") from None
+        out[key] = Lazy(_reader(path, data_start + begin, end - begin, dtype, shape), shape)
+    return out
+
+
+def _reader(path: Path, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]):
+    def read() -> torch.Tensor:
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(nbytes)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buf) != nbytes:
+                raise WeightsError(f"{path} ended early while reading a tensor: it is truncated; download it again")
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    return read
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header dict, byte offset of the data); checks that the data it promises is all in the file."""
     size = path.stat().st_size
-
-    def getter(key: str) -> Lazy:
-        def read() -> torch.Tensor:
-            try:
-                return f.get_tensor(key)
-            except (SafetensorError, OSError) as e:
-                raise WeightsError(f"{path} ({size} bytes) cannot be read at {key} ({e}): download it again") from None
-
-        return Lazy(read, tuple(f.get_slice(key).get_shape()))
-
-    _check_safetensors_size(path, size)
-    return {k: getter(k) for k in keys}
-
-
-def _check_safetensors_size(path: Path, size: int) -> None:
-    """A truncated file can still have a valid header: check the data it promises is all there."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in {size} bytes")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise WeightsError(f"{path} is truncated or corrupted ({e}): delete it and download it again") from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise WeightsError(
             f"{path} is truncated: it holds {size} bytes but its header promises {8 + n + end}; download it again"
         )
+    return header, 8 + n
 
 
 def _torch_file(path: Path, use_ema: bool) -> dict[str, Lazy]:
