@@ -191,3 +191,15 @@ def choose_memory(mode: str, folders: dict[str, Path], dtype: torch.dtype, devic
     free = available_bytes(device)
     need = sum(weights_bytes(folders[n], dtype) for n in MODELS if n in folders)
     return "staged" if free is not None and need > 0.8 * free else "full"
+
+
+def module_device(module: Any) -> torch.device:
+    """Where a model (ours or a transformers one) lives."""
+    device = getattr(module, "device", None)
+    return torch.device(device) if device is not None else next(module.parameters()).device
+
+
+def module_dtype(module: Any) -> torch.dtype:
+    """The dtype a model (ours or a transformers one) computes in."""
+    dtype = getattr(module, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(module.parameters()).dtype

@@ -13,9 +13,10 @@ from tqdm.auto import tqdm
 
 from .bins import BINS_BY_SAMPLE_SIZE, classify_height_width_bin
 from .components import (COMPONENTS, MODELS, Component, Held, choose_memory, component_folders, device_from,
-                         is_available, load_scheduler, load_vae, read_config, running)
+                         is_available, load_scheduler, load_vae, module_device, module_dtype, read_config, running)
 from .configs import SchedulerConfig
-from .images import OUTPUT_TYPES, ImageProcessor, resize_and_crop_tensor
+from .images import ImageProcessor, resize_and_crop_tensor
+from .inputs import check_call, micro_conditions, per_image
 from .models.t5 import T5EncoderModel
 from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
@@ -37,16 +38,6 @@ class ImagePipelineOutput:
     """What `pipe(...)` returns: `.images` (PIL list, NHWC array, NCHW tensor or latents)."""
 
     images: Any
-
-
-def _module_device(module: Any) -> torch.device:
-    device = getattr(module, "device", None)
-    return torch.device(device) if device is not None else next(module.parameters()).device
-
-
-def _module_dtype(module: Any) -> torch.dtype:
-    dtype = getattr(module, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else next(module.parameters()).dtype
 
 
 def _as_scheduler_config(scheduler: Any) -> SchedulerConfig:
@@ -230,7 +221,7 @@ class PixArtAlphaPipeline:
         if self._execution_target is not None:
             return self._execution_target
         module = self._loaded_main_module()
-        return _module_device(module) if module is not None else torch.device("cpu")
+        return module_device(module) if module is not None else torch.device("cpu")
 
     _execution_device = device
 
@@ -238,7 +229,7 @@ class PixArtAlphaPipeline:
     def dtype(self) -> torch.dtype:
         module = self._loaded_main_module()
         if module is not None:
-            return _module_dtype(module)
+            return module_dtype(module)
         return self._target_dtype or self._load_dtype
 
     @property
@@ -294,8 +285,8 @@ class PixArtAlphaPipeline:
             raise ValueError("prompt_embeds needs its prompt_attention_mask (the second output of encode_prompt)")
         dtype = self._embedding_dtype(prompt_embeds)
         n_prompts = prompt_embeds.shape[0]
-        prompt_embeds = _per_image(prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
-        prompt_attention_mask = _per_image(prompt_attention_mask.to(device), num_images_per_prompt)
+        prompt_embeds = per_image(prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
+        prompt_attention_mask = per_image(prompt_attention_mask.to(device), num_images_per_prompt)
         if not do_classifier_free_guidance:
             return prompt_embeds, prompt_attention_mask, None, None
         if negative_prompt_embeds is None:
@@ -307,8 +298,8 @@ class PixArtAlphaPipeline:
             )
         elif negative_prompt_attention_mask is None:
             raise ValueError("negative_prompt_embeds needs its negative_prompt_attention_mask")
-        negative_prompt_embeds = _per_image(negative_prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
-        negative_prompt_attention_mask = _per_image(negative_prompt_attention_mask.to(device), num_images_per_prompt)
+        negative_prompt_embeds = per_image(negative_prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
+        negative_prompt_attention_mask = per_image(negative_prompt_attention_mask.to(device), num_images_per_prompt)
         return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
     def _encode(self, texts: list[str], clean_caption: bool, max_length: int, device: torch.device,
@@ -334,7 +325,7 @@ class PixArtAlphaPipeline:
             tokens = self.tokenizer([texts[i] for i in missing], padding="max_length", max_length=max_length,
                                     truncation=True, add_special_tokens=True, return_tensors="pt")
             text_encoder = held.get()
-            te_device = _module_device(text_encoder)
+            te_device = module_device(text_encoder)
             mask = tokens.attention_mask.to(te_device)
             embeds = text_encoder(tokens.input_ids.to(te_device), attention_mask=mask)[0]  # (B, L, D)
             for j, i in enumerate(missing):
@@ -347,11 +338,11 @@ class PixArtAlphaPipeline:
     def _embedding_dtype(self, prompt_embeds: torch.Tensor) -> torch.dtype:
         """The dtype the transformer computes in (else the text encoder's, else the embeddings' own)."""
         if self._loaded.get("transformer") is not None:
-            return _module_dtype(self._loaded["transformer"])
+            return module_dtype(self._loaded["transformer"])
         if is_available(self, "transformer"):
             return self._target_dtype or self._load_dtype
         if self._loaded.get("text_encoder") is not None:
-            return _module_dtype(self._loaded["text_encoder"])
+            return module_dtype(self._loaded["text_encoder"])
         return prompt_embeds.dtype
 
     # The whole generation
@@ -397,7 +388,7 @@ class PixArtAlphaPipeline:
             raise ValueError("custom sigmas are not supported by pixart's samplers: pass timesteps instead")
         num_images_per_prompt = num_images_per_prompt or 1
         output_type = output_type or "pil"
-        _check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, output_type, callback_steps,
+        check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, output_type, callback_steps,
                     num_images_per_prompt, callback_on_step_end_tensor_inputs)
         cfg = self.model_config("transformer")
         height = height or cfg.sample_size * self.vae_scale_factor
@@ -435,7 +426,7 @@ class PixArtAlphaPipeline:
         latents = latents.to(device=device, dtype=dtype)
 
         # 4. Denoise
-        conditions = _micro_conditions(cfg, height, width, embeds.shape[0], device, dtype)
+        conditions = micro_conditions(cfg, height, width, embeds.shape[0], device, dtype)
         state = {"prompt_embeds": embeds.to(device=device, dtype=dtype), "prompt_attention_mask": mask.to(device)}
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -494,7 +485,7 @@ class PixArtAlphaPipeline:
         if not is_available(self, "vae"):
             raise ValueError("this pipeline has no VAE (loaded with vae=None): use output_type='latent'")
         with running(self, "vae") as vae:
-            z = latents.to(device=_module_device(vae), dtype=_module_dtype(vae)) / vae.config.scaling_factor
+            z = latents.to(device=module_device(vae), dtype=module_dtype(vae)) / vae.config.scaling_factor
             if vae.config.shift_factor is not None:
                 z = z + vae.config.shift_factor
             if not isinstance(vae, AutoencoderKL) or (vae.tiling is not None or z[0, 0].numel() <= TILE_ABOVE):
@@ -505,43 +496,3 @@ class PixArtAlphaPipeline:
                 return torch.cat([vae.decode(one, return_dict=False)[0] for one in z.split(1)])
             finally:
                 vae.disable_tiling()
-
-
-def _micro_conditions(cfg, height: int, width: int, batch: int, device, dtype) -> dict[str, torch.Tensor]:
-    """Resolution [h, w] of the generated size and its aspect ratio, for the 1024-px models only."""
-    if not cfg.micro_conditions:
-        return {}
-    resolution = torch.tensor([[height, width]], dtype=dtype, device=device).repeat(batch, 1)
-    aspect = torch.tensor([[float(height / width)]], dtype=dtype, device=device).repeat(batch, 1)
-    return {"resolution": resolution, "aspect_ratio": aspect}
-
-
-def _per_image(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Repeat each prompt's rows n times, keeping the images of one prompt contiguous."""
-    return t.repeat_interleave(n, dim=0) if n > 1 else t
-
-
-def _check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, output_type, callback_steps,
-                num_images_per_prompt, tensor_inputs) -> None:
-    if (prompt is None) == (prompt_embeds is None):
-        raise ValueError("pass exactly one of prompt and prompt_embeds")
-    if prompt is not None and not isinstance(prompt, (str, list)):
-        raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
-    if isinstance(prompt, list) and (not prompt or not all(isinstance(p, str) for p in prompt)):
-        raise ValueError("prompt must be a non-empty list of strings")
-    if negative_prompt_embeds is not None and negative_prompt:
-        raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
-    if prompt_embeds is not None and negative_prompt_embeds is not None:
-        if prompt_embeds.shape != negative_prompt_embeds.shape:
-            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
-                             f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if not isinstance(callback_steps, int) or callback_steps <= 0:
-        raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-    bad = [k for k in tensor_inputs if k not in ("latents", "prompt_embeds", "prompt_attention_mask")]
-    if bad:
-        raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not available; choose from latents, "
-                         "prompt_embeds, prompt_attention_mask")
