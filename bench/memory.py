@@ -157,7 +157,8 @@ def main() -> None:
         if proc.returncode == 0 and lines:
             result.update(json.loads(lines[-1]))
         else:
-            result["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "no output"
+            own = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("\t")]
+            result["error"] = own[-1][:300] if own else "no output"  # the last line that is not /usr/bin/time's
         print(json.dumps(result), flush=True)
 
 
