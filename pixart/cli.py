@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .components import MEMORY_MODES
+from .images import png_info
 from .hardware import default_device, default_dtype
 from .prompt_cache import PromptCache
 from .weights.files import WeightsError
@@ -231,7 +232,7 @@ def _generate_batches(pipe, mine: list[list[Job]], paths: list[Path], args: argp
             path = paths[job.index]
             if skip_existing and path.exists():
                 continue
-            _save_atomic(image, path, _png_info(_settings(job, args.model, pipe.dtype)))
+            _save_atomic(image, path, png_info(_settings(job, args.model, pipe.dtype)))
             written += 1
             if not skip_existing:
                 print(f"wrote {path} (seed {job.seed})")
@@ -283,12 +284,6 @@ def _settings(job: Job, model: str, dtype: torch.dtype) -> dict:
     return {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
             "guidance": job.guidance, "width": job.width, "height": job.height, "model": str(model),
             "dtype": str(dtype).removeprefix("torch.")}
-
-
-def _png_info(settings: dict) -> PngInfo:
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(settings))
-    return info
 
 
 def _write_manifest(path: Path, jobs: list[Job], paths: list[Path], model: str, dtype: torch.dtype) -> None:

@@ -1,10 +1,13 @@
 """Decoded-image post-processing: resize + centre-crop back to the requested size, and output types."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from .bins import classify_height_width_bin
 
@@ -22,6 +25,13 @@ def resize_and_crop_tensor(samples: torch.Tensor, new_width: int, new_height: in
     samples = F.interpolate(samples, size=(rh, rw), mode="bilinear", align_corners=False)
     top, left = (rh - new_height) // 2, (rw - new_width) // 2
     return samples[:, :, top : top + new_height, left : left + new_width]
+
+
+def png_info(settings: dict) -> PngInfo:
+    """The PNG text chunk "parameters" holding an image's generation settings as JSON (CLI and server alike)."""
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(settings))
+    return info
 
 
 def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:

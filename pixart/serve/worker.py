@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import logging
 import math
 import threading
@@ -15,7 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
-from PIL.PngImagePlugin import PngInfo
+
+from ..images import png_info
 
 logger = logging.getLogger("pixart.serve")
 
@@ -182,10 +182,8 @@ class Metrics:
 
 def png_base64(image, settings: dict[str, Any]) -> str:
     """A PIL image as base64 PNG with its settings as JSON in the "parameters" text chunk."""
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(settings))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=png_info(settings))
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
