@@ -1,0 +1,1 @@
+"""Training: feature extraction (data.py, extract.py) and the training loop."""
