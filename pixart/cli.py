@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import dist
 from .components import MEMORY_MODES
 from .images import png_info
-from .hardware import default_device, default_dtype
+from .hardware import default_device, default_dtype, set_threads
 from .prompt_cache import PromptCache
 from .weights.files import WeightsError
 
@@ -47,6 +47,8 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
                         "(default: $PIXART_CACHE or ~/.cache/pixart, then prompt-embeddings/)")
     parser.add_argument("--prompt-cache-size", type=float, default=2.0, metavar="GB",
                         help="most disk the prompt cache may use, least recently used evicted first (default 2 GB)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores this "
+                        "process may run on, divided among the torchrun processes of this machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +94,7 @@ def load_pipeline(args: argparse.Namespace):
     from .models.transformer import PixArtTransformer2DModel
     from .pipeline import PixArtAlphaPipeline
 
+    set_threads(args.threads, dist.local_world_size())
     device = torch.device(args.device) if args.device else default_device()
     dtype = default_dtype(device) if args.dtype == "auto" else DTYPES[args.dtype]
     kwargs = {}

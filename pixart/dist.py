@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from .hardware import set_threads
+
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -35,7 +37,7 @@ def init() -> None:
     else:
         dist.init_process_group("gloo")
     # torchrun sets OMP_NUM_THREADS=1 for every rank: give each its share of the cores instead
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size()))
+    set_threads(local_processes=local_world_size())
 
 
 def barrier() -> None:

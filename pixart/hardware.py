@@ -1,6 +1,7 @@
 """What the machine we run on is good at: the default device and compute dtype."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,3 +28,18 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def default_threads(usable_cores: int, local_processes: int = 1) -> int:
+    """Torch threads for one process: its share of the cores it may run on, at least one."""
+    return max(1, usable_cores // max(1, local_processes))
+
+
+def set_threads(threads: int | None = None, local_processes: int = 1) -> int:
+    """Set torch's thread count (default: this process's share of the cores its affinity allows); return it."""
+    if threads is None:
+        threads = default_threads(len(os.sched_getaffinity(0)), local_processes)
+    elif threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    return threads

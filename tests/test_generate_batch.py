@@ -63,8 +63,8 @@ def prompts_file(tmp_path_factory) -> Path:
 def reference(pipeline_dir_512, prompts_file, tmp_path_factory) -> Path:
     """3 prompts x 2 images, seed 10, batches of 2, one process at a torchrun rank's threads."""
     outdir = tmp_path_factory.mktemp("reference")
-    with threads(RANK_THREADS):
-        run(pipeline_dir_512, prompts_file, outdir, "--n", "2", "--seed", "10", "--batch-size", "2")
+    run(pipeline_dir_512, prompts_file, outdir, "--n", "2", "--seed", "10", "--batch-size", "2",
+        "--threads", str(RANK_THREADS))
     return outdir
 
 
@@ -116,8 +116,8 @@ def test_resume_skips_existing_images_and_fills_in_the_missing_ones_bit_identica
         (outdir / name).unlink()
     kept = {name: (os.stat(outdir / name).st_ino, os.stat(outdir / name).st_mtime_ns) for name in pngs(outdir)}
     capsys.readouterr()
-    with threads(RANK_THREADS):
-        run(pipeline_dir_512, prompts_file, outdir, "-n", "2", "--seed", "10", "--batch-size", "2")
+    run(pipeline_dir_512, prompts_file, outdir, "-n", "2", "--seed", "10", "--batch-size", "2",
+        "--threads", str(RANK_THREADS))
     assert "generated 2 image(s) (4 already there" in capsys.readouterr().err
     assert {n: (os.stat(outdir / n).st_ino, os.stat(outdir / n).st_mtime_ns) for n in kept} == kept
     for name in pngs(reference):
