@@ -19,6 +19,7 @@ ASPECT_RATIO_256_BIN = {k: [h / 4, w / 4] for k, (h, w) in ASPECT_RATIO_1024_BIN
 
 # latent sample_size of the transformer -> its table
 BINS_BY_SAMPLE_SIZE = {128: ASPECT_RATIO_1024_BIN, 64: ASPECT_RATIO_512_BIN, 32: ASPECT_RATIO_256_BIN}
+BINS_BY_RESOLUTION = {1024: ASPECT_RATIO_1024_BIN, 512: ASPECT_RATIO_512_BIN, 256: ASPECT_RATIO_256_BIN}
 
 
 def bin_table(sample_size: int) -> dict[str, list[float]]:
@@ -29,6 +30,18 @@ def bin_table(sample_size: int) -> dict[str, list[float]]:
             "pass use_resolution_binning=False and a height and width that are multiples of 16"
         )
     return BINS_BY_SAMPLE_SIZE[sample_size]
+
+
+def resolution_bin_table(resolution: int, multiple: int) -> dict[str, list[float]]:
+    """The bins of `resolution`-px images: a published table, or the 1024 one scaled and snapped to `multiple` px."""
+    if resolution in BINS_BY_RESOLUTION:
+        return BINS_BY_RESOLUTION[resolution]
+    scale = resolution / 1024
+
+    def snap(v: float) -> float:
+        return float(max(multiple, round(v * scale / multiple) * multiple))
+
+    return {k: [snap(h), snap(w)] for k, (h, w) in ASPECT_RATIO_1024_BIN.items()}
 
 
 def classify_height_width_bin(height: int, width: int, ratios: dict[str, list[float]]) -> tuple[int, int]:

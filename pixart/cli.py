@@ -79,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-sequence-length", type=int, default=120, help="T5 tokens (default 120)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    ext = sub.add_parser("extract", help="T5 captions and VAE latents of an image dataset, for `pixart train` "
+                         "(torchrun-ready, resumable)")
+    ext.add_argument("dataset", type=Path, help="a folder of images with same-name .txt captions (searched "
+                     "recursively), or the PixArt repository's data_info.json")
+    ext.add_argument("--model", required=True, help="the diffusers PixArt-α folder or Hub id to train")
+    ext.add_argument("-o", "--output", type=Path, required=True, help="features folder (a rerun resumes it)")
+    ext.add_argument("--resolution", type=int, default=None, help="px of the aspect-ratio bins (default: the "
+                     "model's size; tables other than 256/512/1024 are the 1024 one scaled)")
+    ext.add_argument("--batch-size", type=int, default=8, help="captions or images per model call (default 8)")
+    ext.add_argument("--shard-size", type=int, default=128, help="items per shard file; a killed run loses at most "
+                     "one unfinished shard per process (default 128)")
+    ext.add_argument("--max-length", type=int, default=120, help="T5 tokens (default 120, as PixArt-α)")
+    ext.add_argument("--no-clean-caption", action="store_true", help="skip diffusers' caption cleaning")
+    ext.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the stored captions and of T5 "
+                     "(default bf16: the trainer's autocast dtype, and no fp16 overflow)")
+    ext.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    ext.add_argument("--skip-missing-captions", action="store_true", help="leave out images without a .txt")
+    ext.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images, with a warning")
+    ext.add_argument("--quiet", action="store_true", help="no progress bar")
+
     srv = sub.add_parser("serve", help="HTTP server: OpenAI Images API, AUTOMATIC1111 txt2img, a web page")
     add_load_options(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -314,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             generate(args)
+        elif args.command == "extract":
+            from .train.extract import Options, extract
+
+            extract(args.dataset, args.model, args.output, Options(
+                resolution=args.resolution, batch_size=args.batch_size, shard_size=args.shard_size,
+                max_length=args.max_length, clean_caption=not args.no_clean_caption, dtype=DTYPES[args.dtype],
+                device=args.device, skip_missing_captions=args.skip_missing_captions,
+                skip_bad_images=args.skip_bad_images, quiet=args.quiet))
         elif args.command == "serve":
             from .serve.app import serve
 

@@ -14,15 +14,19 @@ from .bins import classify_height_width_bin
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-def resize_and_crop_tensor(samples: torch.Tensor, new_width: int, new_height: int) -> torch.Tensor:
-    """Bilinear resize (B, C, H, W) so it covers new_height × new_width, then crop the centre."""
+def resize_and_crop_tensor(samples: torch.Tensor, new_width: int, new_height: int,
+                           antialias: bool = False) -> torch.Tensor:
+    """Bilinear resize (B, C, H, W) so it covers new_height × new_width, then crop the centre.
+
+    antialias: average over the source pixels when shrinking (as PIL does), not only sample 2x2 of them."""
     height, width = samples.shape[2], samples.shape[3]
     if (height, width) == (new_height, new_width):
         return samples
     ratio = max(new_height / height, new_width / width)
     # max(): float rounding must never leave the cover a pixel short of the request
     rh, rw = max(int(height * ratio), new_height), max(int(width * ratio), new_width)
-    samples = F.interpolate(samples, size=(rh, rw), mode="bilinear", align_corners=False)
+    samples = F.interpolate(samples, size=(rh, rw), mode="bilinear", align_corners=False,
+                            antialias=antialias)
     top, left = (rh - new_height) // 2, (rw - new_width) // 2
     return samples[:, :, top : top + new_height, left : left + new_width]
 
