@@ -288,6 +288,17 @@ def test_bad_inputs_are_clear_errors(pipeline_dir_512, tmp_path, capsys, caplog)
     code, err = run_cli(capsys, tmp_path / "ds", "--model", model, "-o", tmp_path / "f", "--skip-missing-captions",
                         "--skip-bad-images")
     assert code == 0 and "leaving out 1 unreadable image(s)" in caplog.text and "c.png" in caplog.text
+    (tmp_path / "ds/c.png").unlink()
+
+    make_images(tmp_path / "ds", {"t.png": (32, 32)})  # a truncated PNG: its header reads, its pixels do not
+    data = (tmp_path / "ds/t.png").read_bytes()
+    (tmp_path / "ds/t.png").write_bytes(data[: len(data) // 2])
+    code, err = run_cli(capsys, tmp_path / "ds", "--model", model, "-o", tmp_path / "f", "--skip-missing-captions")
+    assert code == 2 and "image" in err and "t.png cannot be read (image file is truncated)" in err
+    code, err = run_cli(capsys, tmp_path / "ds", "--model", model, "-o", tmp_path / "f", "--skip-missing-captions",
+                        "--skip-bad-images")
+    assert code == 0 and "leaving out unreadable image" in caplog.text and "t.png" in caplog.text
+    assert [it["id"] for it in Features(tmp_path / "f").items] == ["a.png"]
 
     code, err = run_cli(capsys, tmp_path / "ds", "--model", model, "-o", tmp_path / "f", "--skip-missing-captions",
                         "--max-length", "60")

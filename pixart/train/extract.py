@@ -239,7 +239,7 @@ def _clean(out: Path, world: int) -> None:
         if int(staged.name[4:].split("-")[0]) >= world:
             staged.unlink()
     for jsonl in (out / "items").glob("*.jsonl"):
-        items, torn = read_jsonl(jsonl)
+        _, torn = read_jsonl(jsonl)
         if torn:  # a line cut short by a kill: drop it, its item is extracted again
             text = jsonl.read_text(encoding="utf-8")
             jsonl.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
