@@ -106,7 +106,62 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
     srv.add_argument("--max-queue", type=int, default=32, help="waiting jobs before 429 (default 32)")
     srv.add_argument("--max-batch", type=int, default=4, help="compatible jobs run as one batch (default 4)")
+
+    add_train_options(sub.add_parser("train", help="fine-tune the transformer (full or LoRA) on features from "
+                                     "`pixart extract`, on one process or many (torchrun)"))
     return parser
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """`pixart train`'s options; the defaults are TrainOptions' (the paper's recipe)."""
+    from dataclasses import fields
+
+    from .train.loop import MIXED_PRECISION, TrainOptions
+
+    d = {f.name: f.default for f in fields(TrainOptions)}
+    p.add_argument("features", help="features folder written by `pixart extract`")
+    p.add_argument("-o", "--output", required=True, help="where the trained pipeline folder (or LoRA file), "
+                   "checkpoints/, samples/ and log.jsonl go")
+    p.add_argument("--model", default=None, help="pipeline folder: its transformer is fine-tuned and its other "
+                   "components copied to the output")
+    p.add_argument("--config", default=None, help="transformer config.json (or its folder): train a new transformer "
+                   "from scratch (with --model, that folder still gives the text encoder and VAE for samples)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch, split over the processes "
+                   "(default %(default)s)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps to train for")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the features (with --max-steps: whichever ends first)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed of the data order, noise and initialisation")
+    p.add_argument("--lr", type=float, default=d["lr"], help="AdamW learning rate (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="default %(default)s")
+    p.add_argument("--adam-eps", type=float, default=d["adam_eps"], help="default %(default)s")
+    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"],
+                   help="linear learning-rate warm-up, then constant (default %(default)s)")
+    p.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="gradient norm clip, 0: off (default %(default)s)")
+    p.add_argument("--ema-decay", type=float, default=None, help="EMA of the weights, saved as the model; 0: off "
+                   "(default 0.9999 for a full fine-tune, off for LoRA)")
+    p.add_argument("--caption-dropout", type=float, default=d["caption_dropout"],
+                   help="probability of training on the empty caption (default %(default)s)")
+    p.add_argument("--mixed-precision", choices=list(MIXED_PRECISION), default=None,
+                   help="autocast dtype (default: bf16 on GPUs and CPUs with native bf16, else no)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: this rank's GPU when there is one)")
+    p.add_argument("--log-every", type=int, default=d["log_every"], help="steps between log lines (default %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"], help="steps between checkpoints (0: none)")
+    p.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"], help="how many recent checkpoints "
+                   "to keep (default %(default)s)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH", help="continue from the newest checkpoint in the "
+                   "output (auto) or from a checkpoint folder")
+    p.add_argument("--sample-every", type=int, default=d["sample_every"], help="steps between sample images (0: none)")
+    p.add_argument("--sample-prompts", nargs="+", default=list(d["sample_prompts"]), metavar="PROMPT")
+    p.add_argument("--sample-steps", type=int, default=d["sample_steps"], help="default %(default)s")
+    p.add_argument("--sample-guidance", type=float, default=d["sample_guidance"], help="default %(default)s")
+    p.add_argument("--sample-size", type=int, default=None, help="sample image side in pixels (default: the model's)")
+    p.add_argument("--sample-seed", type=int, default=d["sample_seed"], help="seed of the first sample image")
+    p.add_argument("--lora-rank", type=int, default=d["lora_rank"], help="train a LoRA of this rank instead of all "
+                   "weights (0: full fine-tune)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator (default: the rank)")
+    p.add_argument("--lora-targets", nargs="+", default=None, metavar="SUFFIX",
+                   help="names of the linear layers to adapt (default: to_q to_k to_v to_out.0)")
 
 
 def load_pipeline(args: argparse.Namespace):
@@ -346,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             from .serve.app import serve
 
             serve(args)
+        elif args.command == "train":
+            from .train.loop import TrainOptions, train
+
+            train(TrainOptions.from_args(args))
     except (ValueError, FileNotFoundError, WeightsError, OSError) as e:
         print(f"pixart: error: {e}", file=sys.stderr)
         return 2

@@ -55,21 +55,24 @@ def _cosine_betas(n: int, max_beta: float = 0.999) -> torch.Tensor:
     return torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)])
 
 
-def noise_schedule(config: SchedulerConfig) -> torch.Tensor:
-    """ᾱ_t, the (num_train_timesteps,) float32 cumulative product of 1 - β_t, as diffusers computes it."""
+def train_betas(config: SchedulerConfig) -> torch.Tensor:
+    """β_t, the (num_train_timesteps,) float32 noise variances of the training schedule, as diffusers computes them."""
     n = config.num_train_timesteps
     if config.trained_betas is not None:
-        betas = torch.tensor(config.trained_betas, dtype=torch.float32)
-    elif config.beta_schedule == "linear":
-        betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float32)
-    elif config.beta_schedule == "scaled_linear":  # the latent-diffusion schedule, linear in sqrt(β)
-        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
-    elif config.beta_schedule == "squaredcos_cap_v2":
-        betas = _cosine_betas(n)
-    else:
-        raise ValueError(f"beta_schedule {config.beta_schedule!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_OPTIONS['beta_schedule'])})")
-    return torch.cumprod(1.0 - betas, dim=0)
+        return torch.tensor(config.trained_betas, dtype=torch.float32)
+    if config.beta_schedule == "linear":
+        return torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float32)
+    if config.beta_schedule == "scaled_linear":  # the latent-diffusion schedule, linear in sqrt(β)
+        return torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
+    if config.beta_schedule == "squaredcos_cap_v2":
+        return _cosine_betas(n)
+    raise ValueError(f"beta_schedule {config.beta_schedule!r} is not supported "
+                     f"(supported: {', '.join(SUPPORTED_OPTIONS['beta_schedule'])})")
+
+
+def noise_schedule(config: SchedulerConfig) -> torch.Tensor:
+    """ᾱ_t, the (num_train_timesteps,) float32 cumulative product of 1 - β_t, as diffusers computes it."""
+    return torch.cumprod(1.0 - train_betas(config), dim=0)
 
 
 def _train_sigmas(config: SchedulerConfig) -> torch.Tensor:

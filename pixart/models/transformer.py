@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..configs import PRESETS, TransformerConfig
 from ..weights.files import Lazy, WeightsError, lazy_tensors
@@ -162,6 +163,14 @@ class PixArtTransformer2DModel(PretrainedModel):
         self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
         self.proj_out = nn.Linear(dim, p * p * self.out_channels)
         self.pos_cache: dict[tuple, torch.Tensor] = {}  # (h, w, device) -> (1, h·w, D) fp32; not in state_dict
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them (training memory)."""
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
 
     def position_embedding(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         """The (1, h·w, D) float32 sin-cos embedding of an h×w token grid, computed once per size and device."""
@@ -213,7 +222,10 @@ class PixArtTransformer2DModel(PretrainedModel):
             y_bias = ((1 - encoder_attention_mask.to(dtype)) * MASK_BIAS)[:, None, None, :]  # (B, 1, 1, L)
 
         for block in self.transformer_blocks:
-            x = block(x, t6, y, y_bias)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, t6, y, y_bias, use_reentrant=False)
+            else:
+                x = block(x, t6, y, y_bias)
 
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
         x = modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale)

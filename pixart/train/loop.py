@@ -1,0 +1,438 @@
+"""`pixart train`: fine-tune (or train from scratch) the transformer on extracted features, as PixArt-α trains (§2.3).
+
+One process or many under torchrun: every rank draws the timesteps and noise of the whole global batch from one
+seeded generator and keeps its share (batch[rank::world]), so a run is the same on any number of processes and
+resumes exactly from a checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import dist
+from ..components import load_scheduler
+from ..configs import SchedulerConfig, TransformerConfig
+from ..hardware import default_device, default_dtype
+from ..inputs import micro_conditions
+from ..models.transformer import PixArtTransformer2DModel
+from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .data import Features, epoch_batches
+from .diffusion import Schedule, training_losses
+from .samples import SampleWriter
+
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+RAW_VARIANT = "raw"  # transformer/diffusion_pytorch_model.raw.safetensors: the trained weights without EMA
+OTHER_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler")
+# options a resumed run must share with the run that saved the checkpoint, or it would not continue that run
+RESUME_KEYS = ("batch_size", "seed", "caption_dropout", "lora_rank", "lora_alpha", "lora_targets")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything `pixart train` takes; the defaults are the paper's (AdamW 2e-5, wd 0.03, clip 0.01, EMA 0.9999)."""
+
+    features: str
+    output: str
+    model: str | None = None  # a pipeline folder: its transformer is fine-tuned, its other components copied
+    config: str | None = None  # a transformer config.json: train from scratch (with --model: its other parts)
+    batch_size: int = 8  # global, split over the processes
+    max_steps: int | None = None
+    epochs: int | None = None
+    seed: int = 0
+    lr: float = 2e-5
+    weight_decay: float = 0.03
+    adam_eps: float = 1e-10
+    warmup_steps: int = 1000
+    grad_clip: float = 0.01
+    ema_decay: float | None = None  # None: 0.9999 for a full fine-tune, off (0) for LoRA
+    caption_dropout: float = 0.1
+    mixed_precision: str | None = None  # None: bf16 / fp16 where the device runs it natively, else no
+    gradient_checkpointing: bool = False
+    device: str | None = None
+    log_every: int = 10
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str | None = None  # "auto" or a checkpoint folder
+    sample_every: int = 0
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int = 20
+    sample_guidance: float = 4.5
+    sample_size: int | None = None
+    sample_seed: int = 0
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_args(cls, args: Any) -> "TrainOptions":
+        """From the CLI's namespace: the fields of the same names, lists as tuples."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def check_options(o: TrainOptions) -> None:
+    """Raise a ValueError naming the first option that cannot work, and how to fix it."""
+    if o.model is None and o.config is None:
+        raise ValueError("give --model PIPELINE_FOLDER to fine-tune, or --config CONFIG.json to train from scratch")
+    if o.max_steps is None and o.epochs is None:
+        raise ValueError("give --max-steps N or --epochs N: how long to train")
+    for name in ("batch_size", "max_steps", "epochs", "log_every", "sample_steps"):
+        value = getattr(o, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not 0 <= o.caption_dropout <= 1:
+        raise ValueError(f"--caption-dropout is a probability in [0, 1], got {o.caption_dropout}")
+    if o.ema_decay is not None and not 0 <= o.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1) (0 turns EMA off), got {o.ema_decay}")
+    if o.mixed_precision not in (None, *MIXED_PRECISION):
+        raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {o.mixed_precision!r}")
+    if o.sample_every and not o.sample_prompts:
+        raise ValueError("--sample-every needs --sample-prompts 'a prompt' ...")
+    if o.sample_every and o.model is None:
+        raise ValueError("sample images need a text encoder and a VAE: give --model PIPELINE_FOLDER with --sample-every")
+    if o.batch_size < dist.world_size():
+        raise ValueError(f"--batch-size {o.batch_size} is the global batch, split over {dist.world_size()} "
+                         "processes: make it at least the number of processes")
+
+
+def mixed_precision_dtype(o: TrainOptions, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: the option's, or by default bf16/fp16 where the device runs it natively."""
+    if o.mixed_precision is not None:
+        return MIXED_PRECISION[o.mixed_precision]
+    dtype = default_dtype(device)
+    return None if dtype == torch.float32 else dtype
+
+
+@torch.no_grad()
+def init_weights(model: PixArtTransformer2DModel) -> None:
+    """PixArt-α's initialisation for training from scratch: Xavier linears, small embedders, zeroed outputs."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    proj = model.pos_embed.proj
+    nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    nn.init.zeros_(proj.bias)
+    embedders = [model.adaln_single, *([model.caption_projection] if model.caption_projection else [])]
+    for module in (m for e in embedders for m in e.modules()):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+    for block in model.transformer_blocks:  # each block starts as the identity on the caption path
+        nn.init.zeros_(block.attn2.to_out[0].weight)
+        nn.init.zeros_(block.attn2.to_out[0].bias)
+    nn.init.zeros_(model.proj_out.weight)
+    nn.init.zeros_(model.proj_out.bias)
+
+
+def build_model(o: TrainOptions) -> PixArtTransformer2DModel:
+    """The transformer to train, in fp32 on the CPU: the pipeline folder's, or a fresh one from --config."""
+    if o.config is None:
+        return PixArtTransformer2DModel.from_pretrained(o.model, subfolder="transformer", torch_dtype=torch.float32)
+    path = Path(o.config)
+    config = TransformerConfig.from_json(path / "config.json" if path.is_dir() else path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(o.seed)  # the same initial weights on every rank
+        model = PixArtTransformer2DModel(config)
+        init_weights(model)
+    return model
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters: ema ← decay · ema + (1 − decay) · θ after each step."""
+
+    def __init__(self, params: dict[str, nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = {name: p.detach().clone() for name, p in params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, p in self.params.items():
+            self.shadow[name].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The averaged weights in the model while the block runs (sampling, saving); the trained ones after."""
+        backup = {name: p.detach().clone() for name, p in self.params.items()}
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(backup[name])
+
+
+@dataclass
+class Progress:
+    """Where the run is: optimizer steps done, and the next batch (epoch, index in that epoch's batch list)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+class Trainer:
+    """The model, optimizer, EMA, data position and random generator of one training run."""
+
+    def __init__(self, o: TrainOptions):
+        self.o = o
+        self.output = Path(o.output)
+        self.device = torch.device(o.device) if o.device else default_device()
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (dist.init set it)
+        self.autocast = mixed_precision_dtype(o, self.device)
+        self.features = Features(o.features)
+        self.null_caption = self.features.null_caption()
+        self.model = build_model(o)
+        self._check_features()
+        scheduler = Path(o.model) / "scheduler" if o.model else None
+        config = load_scheduler(scheduler) if scheduler and scheduler.is_dir() else SchedulerConfig()
+        if config.prediction_type != "epsilon":
+            raise ValueError(f"the model's scheduler predicts {config.prediction_type!r}; training supports epsilon")
+        self.schedule = Schedule.from_config(config)
+        if o.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.model.to(self.device).train()
+        self.params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, weight_decay=o.weight_decay,
+                                           eps=o.adam_eps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
+        decay = o.ema_decay if o.ema_decay is not None else (0.0 if o.lora_rank else 0.9999)
+        self.ema = EMA(self.params, decay) if decay > 0 else None
+        self.generator = torch.Generator().manual_seed(o.seed)
+        self.progress = Progress()
+        self._resume()
+        self.net = self.model
+        if dist.world_size() > 1:
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.samples = None
+        if o.sample_every and dist.rank() == 0:
+            self.samples = SampleWriter(o.model, list(o.sample_prompts), self.device, self.features.max_length,
+                                        o.sample_steps, o.sample_guidance, o.sample_seed, o.sample_size)
+
+    def _check_features(self) -> None:
+        index, config = self.features.index, self.model.config
+        if index["caption_dim"] != config.caption_channels:
+            raise ValueError(f"the features hold {index['caption_dim']}-wide captions but the transformer takes "
+                             f"{config.caption_channels}: extract them with this model's text encoder")
+        if index["latent_channels"] != config.in_channels:
+            raise ValueError(f"the features hold {index['latent_channels']}-channel latents but the transformer takes "
+                             f"{config.in_channels}: extract them with this model's VAE")
+
+    def _resume(self) -> None:
+        found = list_checkpoints(self.output)
+        if self.o.resume is None:
+            if found:
+                raise ValueError(f"{self.output} already holds checkpoints of a run: continue it with --resume auto, "
+                                 "or choose another --output")
+            return
+        path = find_checkpoint(self.o.resume, self.output)
+        if path is None:
+            dist.print0(f"no checkpoint in {self.output}: starting from the beginning")
+            return
+        self.load_state_dict(load_checkpoint(path, self.device))
+        dist.print0(f"resumed from {path} at step {self.progress.step}")
+
+    def state_dict(self) -> dict:
+        return {
+            "progress": asdict(self.progress), "options": {k: getattr(self.o, k) for k in RESUME_KEYS},
+            "model": {name: p.detach() for name, p in self.params.items()},
+            "ema": self.ema.shadow if self.ema else None, "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["options"]
+        changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(self.o, k)]
+        if changed:
+            raise ValueError("the checkpoint was trained with other " + ", ".join(
+                f"--{k.replace('_', '-')} ({saved.get(k)!r}, now {getattr(self.o, k)!r})" for k in changed)
+                + ": resume with the same values, or start a new run in another --output")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state["model"][name])
+        if self.ema and state["ema"]:
+            for name, t in self.ema.shadow.items():
+                t.copy_(state["ema"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.progress = Progress(**state["progress"])
+
+    def next_batch(self) -> list[int] | None:
+        """The next global batch of item indices, or None when the --epochs are done."""
+        p, o = self.progress, self.o
+        while True:
+            if o.epochs is not None and p.epoch >= o.epochs:
+                return None
+            if getattr(self, "_batches_of", None) != p.epoch:
+                self._batches, self._batches_of = epoch_batches(self.features, o.batch_size, o.seed, p.epoch), p.epoch
+            if p.batch < len(self._batches):
+                p.batch += 1
+                return self._batches[p.batch - 1]
+            p.epoch, p.batch = p.epoch + 1, 0
+
+    def _inputs(self, batch: list[int]) -> dict[str, torch.Tensor]:
+        """This rank's share of the batch: clean latents, noise, timesteps and captions (dropped to the null one)."""
+        rank, world = dist.rank(), dist.world_size()
+        mine = slice(rank, None, world)
+        items = [self.features[i] for i in batch[mine]]
+        mean, std = torch.stack([it["mean"] for it in items]), torch.stack([it["std"] for it in items])
+        shape = (len(batch), *mean.shape[1:])
+        # the whole global batch is drawn on every rank, in this order, so any process count draws the same
+        g = self.generator
+        t = torch.randint(0, self.schedule.num_timesteps, (len(batch),), generator=g)
+        drop = torch.rand(len(batch), generator=g) < self.o.caption_dropout
+        latent_noise = torch.randn(shape, generator=g)
+        noise = torch.randn(shape, generator=g)
+        x0 = (mean + std * latent_noise[mine]) * self.features.index["scaling_factor"]  # (b, C, h, w)
+        null, null_mask = self.null_caption
+        caption = torch.stack([null if d else it["caption"] for it, d in zip(items, drop[mine])])
+        mask = torch.stack([null_mask if d else it["mask"] for it, d in zip(items, drop[mine])])
+        # every caption is cut to the longest of the global batch: the rest is padding, masked out anyway
+        length = max([int(null_mask.sum())] + [self.features.items[i]["tokens"] for i in batch])
+        moved = {"x0": x0, "noise": noise[mine], "t": t[mine], "caption": caption[:, :length], "mask": mask[:, :length]}
+        return {k: v.to(self.device) for k, v in moved.items()}
+
+    def step(self, batch: list[int]) -> dict[str, torch.Tensor]:
+        """One optimizer step on a global batch; returns this rank's per-item losses."""
+        o, inputs = self.o, self._inputs(batch)
+        x0, noise, t = inputs["x0"], inputs["noise"], inputs["t"]
+        x_t = self.schedule.add_noise(x0, noise, t)
+        bucket_h, bucket_w = (s * self.features.index["vae_scale_factor"] for s in x0.shape[-2:])
+        conditions = micro_conditions(self.model.config, bucket_h, bucket_w, len(t), self.device, torch.float32)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            out = self.net(x_t, t, inputs["caption"], inputs["mask"], **conditions)
+        losses = training_losses(self.schedule, out.float(), x0, noise, x_t, t)
+        # DDP averages the ranks' gradients: scaling by world / B makes that the mean over the global batch
+        loss = losses["loss"].sum() * (dist.world_size() / len(batch))
+        self.scaler.scale(loss).backward()
+        lr = o.lr * min(1.0, (self.progress.step + 1) / o.warmup_steps) if o.warmup_steps > 0 else o.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        if o.grad_clip > 0:
+            losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params.values(), o.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update()
+        self.progress.step += 1
+        return {k: v.detach() for k, v in losses.items()}
+
+    def run(self) -> None:
+        o, log = self.o, RunLog(self.output, self.device)
+        log.begin(self.progress.step)
+        while o.max_steps is None or self.progress.step < o.max_steps:
+            batch = self.next_batch()
+            if batch is None:
+                break
+            losses = self.step(batch)
+            log.add(losses, len(batch))
+            step = self.progress.step
+            last = step == o.max_steps
+            if step % o.log_every == 0 or last:
+                log.write(step, self.optimizer.param_groups[0]["lr"], self.progress.epoch)
+            if o.checkpoint_every and step % o.checkpoint_every == 0:
+                if dist.rank() == 0:
+                    save_checkpoint(self.output, step, self.state_dict(), o.keep_checkpoints)
+                dist.barrier()
+            if self.samples is not None and step % o.sample_every == 0:
+                with self.ema.applied() if self.ema else contextlib.nullcontext():
+                    self.samples.write(self.model, self.output / "samples", step)
+        if dist.rank() == 0:
+            self.save()
+        dist.barrier()
+
+    def save(self) -> None:
+        """The trained transformer (EMA weights; raw ones as the "raw" variant) and the model's other components."""
+        folder = self.output / "transformer"
+        with self.ema.applied() if self.ema else contextlib.nullcontext():
+            self.model.save_pretrained(folder)
+        if self.ema:
+            raw = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(raw, str(folder / f"diffusion_pytorch_model.{RAW_VARIANT}.safetensors"), metadata={"format": "pt"})
+        if self.o.model:
+            source = Path(self.o.model)
+            for name in OTHER_COMPONENTS:
+                if (source / name).is_dir():
+                    shutil.copytree(source / name, self.output / name, copy_function=_link_or_copy, dirs_exist_ok=True)
+            if (source / "model_index.json").is_file():
+                shutil.copy(source / "model_index.json", self.output / "model_index.json")
+        dist.print0(f"saved the trained model to {self.output}")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link a file of the source model (T5 is tens of GB), or copy it across file systems."""
+    if os.path.exists(dst):
+        os.remove(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+class RunLog:
+    """Loss, learning rate, samples per second and peak memory: a line on stdout and in <output>/log.jsonl."""
+
+    def __init__(self, output: Path, device: torch.device):
+        self.path, self.device = output / "log.jsonl", device
+        self.sums = torch.zeros(4, dtype=torch.float64)  # loss, mse, vb, items
+
+    def begin(self, step: int) -> None:
+        self.start, self.first_step = time.perf_counter(), step
+
+    def add(self, losses: dict[str, torch.Tensor], batch: int) -> None:
+        local = torch.stack([losses[k].sum().double().cpu() for k in ("loss", "mse", "vb")])
+        self.sums += torch.cat([local, torch.tensor([len(losses["loss"])], dtype=torch.float64)])
+        self.grad_norm = float(losses["grad_norm"]) if "grad_norm" in losses else None
+
+    def write(self, step: int, lr: float, epoch: int) -> None:
+        sums = self.sums.clone()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        elapsed = time.perf_counter() - self.start
+        loss, mse, vb = (sums[:3] / sums[3]).tolist()
+        record = {"step": step, "epoch": epoch, "loss": loss, "mse": mse, "vb": vb, "lr": lr,
+                  "grad_norm": self.grad_norm, "samples_per_s": float(sums[3]) / elapsed,
+                  "peak_memory_gb": peak_memory(self.device) / 2**30}
+        self.sums.zero_()
+        self.start = time.perf_counter()
+        if dist.rank() != 0:
+            return
+        print(f"step {step}  loss {loss:.4f} (mse {mse:.4f}, vb {vb:.4f})  lr {lr:.2e}  "
+              f"{record['samples_per_s']:.2f} samples/s  peak {record['peak_memory_gb']:.2f} GB", flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes: the CUDA allocator's peak on a GPU, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def train(o: TrainOptions) -> Path:
+    """Run `pixart train`; returns the output folder."""
+    with dist.session():
+        check_options(o)
+        Trainer(o).run()
+    return Path(o.output)

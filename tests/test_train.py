@@ -1,0 +1,261 @@
+"""`pixart train` on tiny configs: it learns, resumes exactly, runs the same on 2 processes, saves loadable folders."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pixart.cli import main
+from pixart.configs import SchedulerConfig, TransformerConfig
+from pixart.models.transformer import PixArtTransformer2DModel
+from pixart.train.diffusion import Schedule, training_losses, variational_bound
+from pixart.train.loop import EMA, TrainOptions, train
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def write_features(root: Path, n: int = 4, caption_dim: int = 32, sizes: tuple = ((8, 8),), seed: int = 0,
+                   max_length: int = 16) -> Path:
+    """A features folder in the documented on-disk format, written by hand: n items per bucket size (latent h, w)."""
+    g = torch.Generator().manual_seed(seed)
+    (root / "shards").mkdir(parents=True)
+    (root / "items").mkdir()
+    index = {"format": "pixart-features", "version": 1, "max_length": max_length, "caption_dim": caption_dim,
+             "latent_channels": 4, "vae_scale_factor": 8, "scaling_factor": 0.18215, "resolution": 64,
+             "model": "hand-written", "encoder": "hand-written"}
+    (root / "index.json").write_text(json.dumps(index))
+    tensors, lines = {}, []
+    for h, w in sizes:
+        for i in range(n):
+            key, tokens = f"img-{h}x{w}-{i}.png", 2 + i % 3
+            tensors[f"{key}/caption"] = torch.randn(tokens, caption_dim, generator=g)
+            tensors[f"{key}/mean"] = torch.randn(4, h, w, generator=g) * 4
+            tensors[f"{key}/std"] = torch.rand(4, h, w, generator=g) * 0.1
+            lines.append({"id": key, "prompt": f"item {i}", "height": 8 * h, "width": 8 * w, "bucket": [8 * h, 8 * w],
+                          "shard": "shards/rank0-00000.safetensors", "tokens": tokens})
+    save_file(tensors, root / "shards" / "rank0-00000.safetensors")
+    save_file({"caption": torch.randn(1, caption_dim, generator=g), "mask": torch.ones(1, dtype=torch.int64)},
+              root / "null.safetensors")
+    (root / "items" / "rank0.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+def tiny_config(path: Path, out_channels: int = 8) -> Path:
+    """2 layers, width 32 (2 heads of 16), captions of 32, no micro-conditions."""
+    TransformerConfig(sample_size=8, num_attention_heads=2, attention_head_dim=16, num_layers=2, out_channels=out_channels,
+                      cross_attention_dim=32, caption_channels=32).save(path)
+    return path
+
+
+def run(tmp_path: Path, name: str, **kw) -> Path:
+    """train() in this process with test defaults: tiny config, fp32, no warm-up, a loose clip."""
+    options = dict(features=str(tmp_path / "features"), output=str(tmp_path / name), config=str(tmp_path / "config.json"),
+                   batch_size=2, lr=1e-3, warmup_steps=0, grad_clip=1.0, mixed_precision="no", device="cpu", log_every=1)
+    return train(TrainOptions(**{**options, **kw}))
+
+
+def log_records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a busy machine: OpenMP's thread handoffs cost 20x the arithmetic; one thread is fastest."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    write_features(tmp_path / "features", sizes=((8, 8), (4, 8)))
+    tiny_config(tmp_path / "config.json")
+    return tmp_path
+
+
+def test_loss_falls_when_overfitting_one_batch(tmp_path):
+    write_features(tmp_path / "features", n=2)
+    tiny_config(tmp_path / "config.json")
+    out = run(tmp_path, "run", max_steps=40, lr=3e-3, caption_dropout=0.0, ema_decay=0.0)
+    losses = [r["loss"] for r in log_records(out)]
+    assert len(losses) == 40
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)  # timesteps and noise vary each step, so compare 10-step means
+    assert all(math.isfinite(x) for x in losses)
+
+
+def test_resumed_run_ends_with_identical_weights(tiny):
+    """3 steps + checkpoint, then a resumed run to 7 steps, equals 7 steps at once (crossing epochs, dropout on)."""
+    common = dict(caption_dropout=0.5, ema_decay=0.9, seed=3)
+    whole = run(tiny, "whole", max_steps=7, **common)
+    first = run(tiny, "split", max_steps=3, checkpoint_every=3, **common)
+    assert (first / "checkpoints" / "step-00000003" / "state.pt").is_file()
+    code = main(["train", str(tiny / "features"), "-o", str(first), "--config", str(tiny / "config.json"),
+                 "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "0", "--grad-clip", "1.0",
+                 "--mixed-precision", "no", "--device", "cpu", "--caption-dropout", "0.5", "--ema-decay", "0.9",
+                 "--seed", "3", "--max-steps", "7", "--resume", "auto", "--checkpoint-every", "2",
+                 "--keep-checkpoints", "1", "--log-every", "1"])
+    assert code == 0
+    for name in (WEIGHTS, "diffusion_pytorch_model.raw.safetensors"):
+        a, b = load_file(whole / "transformer" / name), load_file(first / "transformer" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    ema, raw = (load_file(whole / "transformer" / n) for n in (WEIGHTS, "diffusion_pytorch_model.raw.safetensors"))
+    assert not torch.equal(ema["proj_out.weight"], raw["proj_out.weight"])
+    assert [p.name for p in (first / "checkpoints").iterdir()] == ["step-00000006"]  # keep 1
+    assert [r["step"] for r in log_records(first)] == list(range(1, 8))
+
+
+def test_resume_refuses_changed_batch_size_and_unasked_restart(tiny, capsys):
+    out = run(tiny, "run", max_steps=2, checkpoint_every=2)
+    with pytest.raises(ValueError, match="--resume auto"):
+        run(tiny, "run", max_steps=4)
+    with pytest.raises(ValueError, match=r"--batch-size \(2, now 4\)"):
+        run(tiny, "run", max_steps=4, batch_size=4, resume="auto")
+    with pytest.raises(FileNotFoundError, match="no state.pt"):
+        run(tiny, "run", max_steps=4, resume=str(out / "nowhere"))
+
+
+def test_ema_update_formula_and_swap():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    ema = EMA({"p": p}, decay=0.75)
+    with torch.no_grad():
+        p.copy_(torch.tensor([5.0, -2.0]))
+    ema.update()
+    assert torch.equal(ema.shadow["p"], torch.tensor([0.75 * 1 + 0.25 * 5, 0.75 * 2 + 0.25 * -2]))
+    with ema.applied():
+        assert torch.equal(p.detach(), ema.shadow["p"])
+    assert torch.equal(p.detach(), torch.tensor([5.0, -2.0]))
+
+
+def test_two_processes_match_one(tiny):
+    """torchrun with 2 gloo ranks, each half of every global batch, ends where 1 process ends."""
+    args = ["train", str(tiny / "features"), "-o", str(tiny / "two"), "--config", str(tiny / "config.json"),
+            "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2", "--grad-clip", "0.5", "--mixed-precision", "no",
+            "--device", "cpu", "--max-steps", "4", "--ema-decay", "0.5", "--seed", "1", "--log-every", "1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pixart", *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = run(tiny, "one", batch_size=4, grad_clip=0.5, warmup_steps=2, max_steps=4, ema_decay=0.5, seed=1)
+    a, b = load_file(one / "transformer" / WEIGHTS), load_file(tiny / "two" / "transformer" / WEIGHTS)
+    for k in a:
+        # Gradients summed over two half batches differ from one batch's in float rounding only, which moves the
+        # weights by far less than one Adam step (lr). Except the key biases: softmax ignores a shift common to all
+        # keys, so their exact gradient is 0 and Adam turns rounding noise of either sign into steps of up to lr.
+        atol = 1e-3 * 4 if k.endswith("to_k.bias") else 1e-5
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=k)
+    logs = log_records(one), log_records(tiny / "two")
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    assert [r["loss"] for r in logs[1]] == pytest.approx([r["loss"] for r in logs[0]], abs=1e-5)  # all-reduced mean
+
+
+def test_trained_folder_loads_in_diffusers_and_pixart(pipeline_dir_512, tmp_path):
+    from diffusers import PixArtAlphaPipeline as DiffusersPipeline
+
+    import pixart
+
+    write_features(tmp_path / "features")
+    out = train(TrainOptions(features=str(tmp_path / "features"), output=str(tmp_path / "out"),
+                             model=str(pipeline_dir_512), batch_size=2, max_steps=2, mixed_precision="no", device="cpu"))
+    theirs = DiffusersPipeline.from_pretrained(out).transformer.eval()
+    ours = pixart.PixArtAlphaPipeline.from_pretrained(out).transformer
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
+    mask, t = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), torch.tensor([10, 900])
+    with torch.no_grad():
+        expected = theirs(x, encoder_hidden_states=y, encoder_attention_mask=mask, timestep=t,
+                          added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        got = ours(x, t, y, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # fp32, two implementations of one function
+    trained = load_file(out / "transformer" / WEIGHTS)
+    original = load_file(pipeline_dir_512 / "transformer" / WEIGHTS)
+    assert not torch.equal(trained["proj_out.weight"], original["proj_out.weight"])
+    raw = PixArtTransformer2DModel.from_pretrained(out, subfolder="transformer", variant="raw")
+    assert sorted(raw.state_dict()) == sorted(trained)
+
+
+def test_sample_images_are_written(pipeline_dir_512, tmp_path):
+    write_features(tmp_path / "features")
+    out = train(TrainOptions(features=str(tmp_path / "features"), output=str(tmp_path / "out"),
+                             model=str(pipeline_dir_512), batch_size=2, max_steps=4, sample_every=2,
+                             sample_prompts=("a red circle", "a blue square"), sample_steps=2, sample_size=64,
+                             mixed_precision="no", device="cpu"))
+    names = sorted(p.name for p in (out / "samples").iterdir())
+    assert names == [f"step-0000000{s}-{k}.png" for s in (2, 4) for k in (0, 1)]
+
+
+def test_vb_term_equals_a_direct_computation():
+    """The KL of the true posterior to the model's at t > 0 from the DDPM formulas and torch.distributions."""
+    from diffusers import DDPMScheduler
+
+    ddpm = DDPMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000)
+    schedule = Schedule.from_config(SchedulerConfig())
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)
+    eps, v = torch.randn(3, 4, 4, 4, generator=g), torch.rand(3, 4, 4, 4, generator=g) * 2 - 1
+    t = torch.tensor([1, 500, 999])
+    x_t = schedule.add_noise(x0, noise, t)
+    got = variational_bound(schedule, eps, v, x0, x_t, t)
+    for i, step in enumerate(t.tolist()):
+        ac, ac_prev, beta = (ddpm.alphas_cumprod[step].double(), ddpm.alphas_cumprod[step - 1].double(),
+                             ddpm.betas[step].double())
+        xt, x0i = x_t[i].double(), x0[i].double()
+        true_mean = (ac_prev.sqrt() * beta * x0i + (1 - beta).sqrt() * (1 - ac_prev) * xt) / (1 - ac)
+        true_var = beta * (1 - ac_prev) / (1 - ac)
+        pred_x0 = (xt - (1 - ac).sqrt() * eps[i].double()) / ac.sqrt()
+        model_mean = (ac_prev.sqrt() * beta * pred_x0 + (1 - beta).sqrt() * (1 - ac_prev) * xt) / (1 - ac)
+        frac = (v[i].double() + 1) / 2
+        model_var = torch.exp(frac * beta.log() + (1 - frac) * true_var.log())
+        kl = torch.distributions.kl_divergence(torch.distributions.Normal(true_mean, true_var.sqrt()),
+                                               torch.distributions.Normal(model_mean, model_var.sqrt()))
+        # float32 against float64; the KL at t = 1 is a difference of nearly equal terms
+        torch.testing.assert_close(got[i].double(), kl.mean() / math.log(2), rtol=1e-3, atol=1e-5)
+
+
+def test_vb_trains_only_the_variance_and_4_channels_give_mse_only():
+    schedule = Schedule.from_config(SchedulerConfig())
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    t = torch.tensor([0, 300])
+    x_t = schedule.add_noise(x0, noise, t)
+    out = torch.randn(2, 8, 4, 4, generator=g, requires_grad=True)
+    losses = training_losses(schedule, out, x0, noise, x_t, t)
+    losses["vb"].sum().backward()
+    assert torch.all(out.grad[:, :4] == 0) and torch.all(out.grad[:, 4:].abs().sum((1, 2, 3)) > 0)
+    assert torch.all(torch.isfinite(losses["vb"])) and torch.equal(losses["loss"], losses["mse"] + losses["vb"])
+    only_eps = training_losses(schedule, out[:, :4].detach(), x0, noise, x_t, t)
+    assert torch.equal(only_eps["loss"], only_eps["mse"]) and torch.equal(only_eps["mse"], losses["mse"].detach())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    model = PixArtTransformer2DModel(TransformerConfig.from_json(tiny_config(tmp_path / "c.json")))
+    g = torch.Generator().manual_seed(0)
+    x, y, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 32, generator=g), torch.tensor([1, 700])
+    grads = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        model(x, t, y).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))  # the same ops recomputed on the CPU: bit-identical
+
+
+def test_bad_options_name_the_fix(tiny):
+    with pytest.raises(ValueError, match="--model PIPELINE_FOLDER to fine-tune, or --config"):
+        train(TrainOptions(features=str(tiny / "features"), output=str(tiny / "o"), max_steps=1))
+    with pytest.raises(ValueError, match="--max-steps N or --epochs N"):
+        train(TrainOptions(features=str(tiny / "features"), output=str(tiny / "o"), config=str(tiny / "config.json")))
+    TransformerConfig(sample_size=8, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                      cross_attention_dim=32, caption_channels=64).save(tiny / "wide.json")
+    with pytest.raises(ValueError, match="32-wide captions but the transformer takes 64"):
+        run(tiny, "o", max_steps=1, config=str(tiny / "wide.json"))
+    with pytest.raises(ValueError, match="--sample-every needs --sample-prompts"):
+        run(tiny, "o", max_steps=1, sample_every=1)
