@@ -145,6 +145,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype (default: bf16 on GPUs and CPUs with native bf16, else no)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: this rank's GPU when there is one)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, shared among "
+                   "the torchrun processes of this machine)")
     p.add_argument("--log-every", type=int, default=d["log_every"], help="steps between log lines (default %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"], help="steps between checkpoints (0: none)")
     p.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"], help="how many recent checkpoints "

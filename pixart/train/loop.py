@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import dist
 from ..components import load_scheduler
 from ..configs import SchedulerConfig, TransformerConfig
-from ..hardware import default_device, default_dtype
+from ..hardware import default_device, default_dtype, set_threads
 from ..inputs import micro_conditions
 from ..models.transformer import PixArtTransformer2DModel
 from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -61,6 +61,7 @@ class TrainOptions:
     mixed_precision: str | None = None  # None: bf16 / fp16 where the device runs it natively, else no
     gradient_checkpointing: bool = False
     device: str | None = None
+    threads: int | None = None  # None: torch's default, or this rank's share of the cores under torchrun
     log_every: int = 10
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -433,6 +434,8 @@ def peak_memory(device: torch.device) -> int:
 def train(o: TrainOptions) -> Path:
     """Run `pixart train`; returns the output folder."""
     with dist.session():
+        if o.threads is not None:
+            set_threads(o.threads)
         check_options(o)
         Trainer(o).run()
     return Path(o.output)
