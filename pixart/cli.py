@@ -26,6 +26,15 @@ from .weights.files import WeightsError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def lora_option(value: str) -> tuple[str, float]:
+    """`FILE[:SCALE]` -> (FILE, SCALE); a colon not followed by a number belongs to the path."""
+    path, _, scale = value.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (value, 1.0)
+    except ValueError:
+        return value, 1.0
+
+
 def add_load_options(parser: argparse.ArgumentParser) -> None:
     """The options that choose and load the pipeline, shared by every command that generates."""
     parser.add_argument("--model", required=True, help="diffusers PixArt-α folder or Hub id "
@@ -41,6 +50,9 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
                              "(CUDA): each on the GPU only while it runs; auto (default): staged when full won't fit")
     parser.add_argument("--quantize-text-encoder", choices=["int8", "int4"], default=None,
                         help="weight-only quantization of T5 while it loads: int8 (~4.8 GB for T5-XXL) or int4")
+    parser.add_argument("--lora", type=lora_option, action="append", default=[], metavar="FILE[:SCALE]",
+                        help="apply a LoRA (file, folder or Hub id; diffusers, PEFT or kohya keys) with a weight "
+                             "(default 1.0); repeat to combine several")
     parser.add_argument("--no-prompt-cache", action="store_true",
                         help="do not read or write the on-disk cache of prompt embeddings")
     parser.add_argument("--prompt-cache-dir", default=None, help="where the prompt-embedding cache lives "
@@ -182,8 +194,13 @@ def load_pipeline(args: argparse.Namespace):
     if not args.no_prompt_cache:
         kwargs["prompt_cache"] = PromptCache(args.prompt_cache_dir and Path(args.prompt_cache_dir) / "prompt-embeddings",
                                              max_bytes=int(args.prompt_cache_size * 2**30))
-    return PixArtAlphaPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device, memory=args.memory,
+    pipe = PixArtAlphaPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device, memory=args.memory,
                                                text_encoder_quantization=args.quantize_text_encoder, **kwargs)
+    if args.lora:
+        names = [pipe.load_lora_weights(path, adapter_name=f"lora_{i}") for i, (path, _) in enumerate(args.lora)]
+        pipe.set_adapters(names, [scale for _, scale in args.lora])
+        pipe.fuse_lora()  # merged once: no LoRA cost per step
+    return pipe
 
 
 LINE_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": (int, float),

@@ -40,6 +40,8 @@ class Component:
             if self.name in MODELS:  # placed as earlier .to() calls asked
                 target = pipe._execution_target if pipe.memory != "offload" else None
                 pipe._place(self.name, module, target, pipe._target_dtype)
+                if self.name == "transformer" and pipe.lora.layers:
+                    pipe.lora.apply(module)
             pipe._loaded[self.name] = module
         return module
 

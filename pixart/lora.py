@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .quant import QUANTIZED
+from .weights.files import lazy_tensors
+from .weights.hub import resolve
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # module-name suffixes
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry: the PEFT LoraConfig as JSON
@@ -35,12 +39,13 @@ class LoRALinear(nn.Module):
         self.active: dict[str, float] = {}  # adapter -> its weight (set_adapters); inactive ones are absent
         self.register_buffer("unfused", None, persistent=False)  # the base weight before fuse(), None when unfused
 
-    def add(self, name: str, rank: int, scaling: float, dtype: torch.dtype, device: torch.device) -> None:
-        """A new adapter, active with weight 1: A as PEFT initialises it (Kaiming-uniform), B zero."""
-        self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+    def add(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
+        """An adapter with down-projection A (rank, in) and up-projection B (out, rank), active with weight 1."""
+        for key, weight in (("lora_A", A), ("lora_B", B)):
+            with torch.device("meta"):
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            getattr(self, key)[name] = linear
         self.scaling[name] = scaling
         self.active[name] = 1.0
 
@@ -140,7 +145,10 @@ def inject_lora(model: nn.Module, rank: int, alpha: float, targets: Iterable[str
         if adapter_name in layer.lora_A:
             raise ValueError(f"{name} already has a LoRA adapter named {adapter_name!r}")
         w = _float_of(layer.base_layer)
-        layer.add(adapter_name, rank, alpha / rank, w.dtype, w.device)
+        A = nn.init.kaiming_uniform_(torch.empty(rank, layer.in_features, dtype=w.dtype, device=w.device),
+                                     a=math.sqrt(5))  # PEFT's initialisation; B = 0 makes the start a no-op
+        B = torch.zeros(layer.out_features, rank, dtype=w.dtype, device=w.device)
+        layer.add(adapter_name, A, B, alpha / rank)
         layer.lora_A[adapter_name].requires_grad_(True)
         layer.lora_B[adapter_name].requires_grad_(True)
     return names
@@ -168,3 +176,142 @@ def save_lora(path: str | os.PathLike, state: dict[str, torch.Tensor], rank: int
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+# Loading LoRA files into the pipeline
+
+LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")  # diffusers', PEFT's
+# diffusers `transformer.`, PEFT's `base_model.model.`, the original repository's `unet.base_model.model.` or bare
+# module names, then `.lora_A.weight`, or `.lora_A.<adapter>.weight` as a PEFT model's own state dict has it
+PEFT_KEY = re.compile(r"(?:transformer\.|unet\.base_model\.model\.|base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
+# kohya: `lora_unet_<module name, dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`
+KOHYA_KEY = re.compile(r"lora_unet_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)")
+KOHYA_PARTS = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
+
+Layers = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # layer -> (A (rank, in), B (out, rank), alpha / rank)
+
+
+def lora_file(source: str | os.PathLike, weight_name: str | None = None, **hub_kwargs) -> Path:
+    """The weight file of a LoRA given as a file, a folder or a Hub id (pytorch_lora_weights / adapter_model)."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        path = resolve(source, **hub_kwargs)
+    if path.is_dir():
+        names = [weight_name] if weight_name else LORA_FILES
+        found = next((path / n for n in names if (path / n).is_file()), None)
+        if found is None:
+            listing = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+            raise FileNotFoundError(f"no LoRA weights in {source} (it holds: {listing}); expected "
+                                    f"{' or '.join(names)}: pass weight_name= to choose the file")
+        path = found
+    return path
+
+
+def lora_config(path: Path) -> dict:
+    """The LoRA's PEFT config (r, lora_alpha, alpha_pattern, use_rslora): diffusers' safetensors metadata entry,
+    else PEFT's adapter_config.json next to the file, else empty (alpha defaults to the rank)."""
+    if path.suffix == ".safetensors":
+        with safe_open(path, "pt") as f:
+            entry = (f.metadata() or {}).get(METADATA_KEY)
+        if entry:
+            return {k.removeprefix("transformer."): v for k, v in json.loads(entry).items()}
+    config = path.parent / "adapter_config.json"
+    return json.loads(config.read_text()) if config.is_file() else {}
+
+
+def _alpha(module: str, rank: int, config: dict) -> float:
+    """PEFT's alpha of one module: the first alpha_pattern matching the end of its name, else lora_alpha."""
+    pattern = next((a for p, a in (config.get("alpha_pattern") or {}).items()
+                    if re.fullmatch(rf"(.*\.)?({p})", module)), None)
+    return float(pattern if pattern is not None else config.get("lora_alpha", rank))
+
+
+def parse_lora(tensors: dict[str, torch.Tensor], config: dict, layers: dict[str, nn.Module], source: str) -> Layers:
+    """Map a LoRA state dict in any of the known key layouts onto the model's linear layers, checking shapes."""
+    kohya_names = {name.replace(".", "_"): name for name in layers}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched, lora_keys = [], 0
+    for key, tensor in tensors.items():
+        peft, kohya = PEFT_KEY.fullmatch(key), KOHYA_KEY.fullmatch(key)
+        lora_keys += bool(peft or kohya)
+        if peft and peft[1] in layers:
+            parts.setdefault(peft[1], {})[peft[2]] = tensor
+        elif kohya and kohya[1] in kohya_names:
+            parts.setdefault(kohya_names[kohya[1]], {})[KOHYA_PARTS[kohya[2]]] = tensor
+        else:
+            unmatched.append(key)
+    if not lora_keys:
+        shown = ", ".join(sorted(tensors)[:5]) or "none"
+        raise ValueError(f"no LoRA keys found in {source} (its keys begin: {shown}); expected `<layer>.lora_A.weight` "
+                         "(diffusers, PEFT) or kohya's `lora_unet_<layer>.lora_down.weight`")
+    if unmatched:
+        shown = "\n    ".join(sorted(unmatched)[:20]) + (f"\n    ... and {len(unmatched) - 20} more" if len(unmatched) > 20 else "")
+        raise ValueError(f"{len(unmatched)} keys of {source} match no linear layer of the transformer (a LoRA for "
+                         f"another model?):\n    {shown}")
+    out: Layers = {}
+    for module, p in parts.items():
+        if "A" not in p or "B" not in p:
+            raise ValueError(f"{source}: the LoRA of {module} lacks its {'lora_A (down)' if 'A' not in p else 'lora_B (up)'} "
+                             "weight: the file is incomplete")
+        A, B, layer = p["A"], p["B"], layers[module]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or (B.shape[0], A.shape[1]) != (layer.out_features, layer.in_features):
+            raise ValueError(f"{source}: the LoRA of {module} does not fit it: lora_A {tuple(A.shape)} and lora_B "
+                             f"{tuple(B.shape)}, layer weight (out, in) = ({layer.out_features}, {layer.in_features}); "
+                             "is it a LoRA for another model size?")
+        rank = A.shape[0]
+        alpha = float(p["alpha"]) if "alpha" in p else _alpha(module, rank, config)
+        out[module] = (A, B, alpha / (math.sqrt(rank) if config.get("use_rslora") else rank))
+    return out
+
+
+class Adapters:
+    """The LoRAs a pipeline has loaded, their weights and fusion: kept apart from the transformer, so that they
+    can be applied again whenever it is loaded (memory="staged" loads it on every call)."""
+
+    def __init__(self):
+        self.layers: dict[str, Layers] = {}  # adapter -> its layers
+        self.weights: dict[str, float] = {}  # the active adapters and their weights
+        self.fused: float | None = None  # lora_scale of fuse_lora(), None when unfused
+
+    def load(self, source: str | os.PathLike | dict[str, torch.Tensor], layers: dict[str, nn.Module],
+             adapter_name: str | None = None, weight_name: str | None = None, **hub_kwargs) -> str:
+        """Read a LoRA (file, folder, Hub id or state dict), check it against the model's linear layers; active."""
+        name = adapter_name or f"default_{len(self.layers)}"
+        if name in self.layers:
+            raise ValueError(f"an adapter named {name!r} is already loaded: choose another adapter_name, or "
+                             "unload_lora_weights() first")
+        if isinstance(source, dict):
+            tensors, config, where = source, {}, "the state dict"
+        else:
+            path = lora_file(source, weight_name, **hub_kwargs)
+            tensors = {k: lazy() for k, lazy in lazy_tensors([path]).items()}
+            config, where = lora_config(path), str(path)
+        self.layers[name] = parse_lora(tensors, config, layers, where)
+        self.weights[name] = 1.0
+        return name
+
+    def set_adapters(self, names: str | list[str], weights: float | list[float] | None = None) -> None:
+        """Make exactly `names` active, with `weights` (one for all, one each, or None for 1.0)."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.layers]
+        if unknown:
+            raise ValueError(f"unknown LoRA adapters {unknown}: the loaded ones are {list(self.layers) or 'none'}")
+        if weights is None or isinstance(weights, (int, float)):
+            weights = [1.0 if weights is None else weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"set_adapters got {len(names)} adapter names but {len(weights)} weights")
+        self.weights = {n: float(w) for n, w in zip(names, weights)}
+
+    def apply(self, model: nn.Module) -> None:
+        """Make the model's LoRA layers exactly what this state says (from scratch: unfuse, unwrap, wrap, fuse)."""
+        remove_lora(model)
+        wrapped: dict[str, LoRALinear] = {}
+        for adapter, layers in self.layers.items():
+            for module, (A, B, scaling) in layers.items():
+                layer = wrapped.setdefault(module, wrap(model, module))
+                w = _float_of(layer.base_layer)
+                layer.add(adapter, A.to(w.device, w.dtype), B.to(w.device, w.dtype), scaling)
+        for layer in wrapped.values():
+            layer.active = {n: w for n, w in self.weights.items() if n in layer.lora_A}
+            if self.fused is not None:
+                layer.fuse(self.fused)

@@ -17,6 +17,7 @@ from .components import (COMPONENTS, MODELS, Component, Held, choose_memory, com
 from .configs import SchedulerConfig
 from .images import ImageProcessor, resize_and_crop_tensor
 from .inputs import check_call, micro_conditions, per_image
+from .lora import Adapters, linear_layers
 from .models.t5 import T5EncoderModel
 from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
@@ -91,6 +92,7 @@ class PixArtAlphaPipeline:
         self.vae_scale_factor = scale
         self.image_processor = ImageProcessor(vae_scale_factor=scale)
         self._progress_bar_config: dict[str, Any] = {}
+        self.lora = Adapters()  # re-applied to the transformer whenever it loads
 
     def model_config(self, name: str) -> Any:
         """The config of the transformer or the VAE, without loading the model (a staged pipeline may not have)."""
@@ -236,6 +238,48 @@ class PixArtAlphaPipeline:
     def components(self) -> dict[str, Any]:
         """The loaded components (models a staged pipeline has not loaded yet are None)."""
         return {name: self._loaded.get(name) for name in COMPONENTS[:-1]} | {"scheduler": self.scheduler}
+
+    # LoRA (pixart/lora.py)
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+                          adapter_name: str | None = None, weight_name: str | None = None, **hub_kwargs: Any) -> str:
+        """Add a LoRA to the transformer (file, folder, Hub id or state dict; diffusers, PEFT or kohya keys).
+
+        It is active with weight 1 next to those loaded before; returns its adapter name (default_0, default_1...)."""
+        if not is_available(self, "transformer"):
+            raise ValueError("this pipeline has no transformer to add a LoRA to (it was loaded with transformer=None)")
+        module = self._loaded.get("transformer")
+        if module is None:  # staged: check the LoRA against the layer shapes of a weightless model
+            with torch.device("meta"):
+                module = PixArtTransformer2DModel(self.model_config("transformer"))
+        name = self.lora.load(pretrained_model_name_or_path_or_dict, linear_layers(module), adapter_name, weight_name,
+                              **hub_kwargs)
+        self._apply_lora()
+        return name
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
+        """Use exactly these loaded adapters, each scaled by its weight (default 1.0)."""
+        self.lora.set_adapters(adapter_names, adapter_weights)
+        self._apply_lora()
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        """Merge the active adapters (times lora_scale) into the transformer's weights: no cost per step."""
+        self.lora.fused = lora_scale
+        self._apply_lora()
+
+    def unfuse_lora(self) -> None:
+        """Restore the weights fuse_lora changed, exactly; the adapters stay active, unfused."""
+        self.lora.fused = None
+        self._apply_lora()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the transformer gets its original layers and weights back."""
+        self.lora = Adapters()
+        self._apply_lora()
+
+    def _apply_lora(self) -> None:
+        if self._loaded.get("transformer") is not None:
+            self.lora.apply(self._loaded["transformer"])
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """Options for the tqdm progress bar of the denoising loop (e.g. disable=True)."""
