@@ -16,7 +16,8 @@ from pixart.cli import main
 from pixart.configs import SchedulerConfig, TransformerConfig
 from pixart.models.transformer import PixArtTransformer2DModel
 from pixart.train.diffusion import Schedule, training_losses, variational_bound
-from pixart.train.loop import EMA, TrainOptions, train
+from pixart.train.loop import TrainOptions, Trainer, train
+from pixart.train.model import EMA
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -259,3 +260,4 @@ def test_bad_options_name_the_fix(tiny):
         run(tiny, "o", max_steps=1, config=str(tiny / "wide.json"))
     with pytest.raises(ValueError, match="--sample-every needs --sample-prompts"):
         run(tiny, "o", max_steps=1, sample_every=1)
+

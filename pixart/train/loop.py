@@ -6,35 +6,29 @@ resumes exactly from a checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import dist
 from ..components import load_scheduler
-from ..configs import SchedulerConfig, TransformerConfig
+from ..configs import SchedulerConfig
 from ..hardware import default_device, default_dtype, set_threads
 from ..inputs import micro_conditions
-from ..models.transformer import PixArtTransformer2DModel
+from ..lora import DEFAULT_TARGETS
 from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import Features, epoch_batches
 from .diffusion import Schedule, training_losses
+from .model import EMA, averaged, build_model, save_trained
 from .samples import SampleWriter
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-RAW_VARIANT = "raw"  # transformer/diffusion_pytorch_model.raw.safetensors: the trained weights without EMA
-OTHER_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler")
 # options a resumed run must share with the run that saved the checkpoint, or it would not continue that run
 RESUME_KEYS = ("batch_size", "seed", "caption_dropout", "lora_rank", "lora_alpha", "lora_targets")
 
@@ -116,68 +110,6 @@ def mixed_precision_dtype(o: TrainOptions, device: torch.device) -> torch.dtype 
     return None if dtype == torch.float32 else dtype
 
 
-@torch.no_grad()
-def init_weights(model: PixArtTransformer2DModel) -> None:
-    """PixArt-α's initialisation for training from scratch: Xavier linears, small embedders, zeroed outputs."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-    proj = model.pos_embed.proj
-    nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-    nn.init.zeros_(proj.bias)
-    embedders = [model.adaln_single, *([model.caption_projection] if model.caption_projection else [])]
-    for module in (m for e in embedders for m in e.modules()):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
-    for block in model.transformer_blocks:  # each block starts as the identity on the caption path
-        nn.init.zeros_(block.attn2.to_out[0].weight)
-        nn.init.zeros_(block.attn2.to_out[0].bias)
-    nn.init.zeros_(model.proj_out.weight)
-    nn.init.zeros_(model.proj_out.bias)
-
-
-def build_model(o: TrainOptions) -> PixArtTransformer2DModel:
-    """The transformer to train, in fp32 on the CPU: the pipeline folder's, or a fresh one from --config."""
-    if o.config is None:
-        return PixArtTransformer2DModel.from_pretrained(o.model, subfolder="transformer", torch_dtype=torch.float32)
-    path = Path(o.config)
-    config = TransformerConfig.from_json(path / "config.json" if path.is_dir() else path)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(o.seed)  # the same initial weights on every rank
-        model = PixArtTransformer2DModel(config)
-        init_weights(model)
-    return model
-
-
-class EMA:
-    """Exponential moving average of the trainable parameters: ema ← decay · ema + (1 − decay) · θ after each step."""
-
-    def __init__(self, params: dict[str, nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = {name: p.detach().clone() for name, p in params.items()}
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for name, p in self.params.items():
-            self.shadow[name].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
-
-    @contextlib.contextmanager
-    def applied(self):
-        """The averaged weights in the model while the block runs (sampling, saving); the trained ones after."""
-        backup = {name: p.detach().clone() for name, p in self.params.items()}
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(self.shadow[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, p in self.params.items():
-                    p.copy_(backup[name])
-
-
 @dataclass
 class Progress:
     """Where the run is: optimizer steps done, and the next batch (epoch, index in that epoch's batch list)."""
@@ -199,7 +131,7 @@ class Trainer:
         self.autocast = mixed_precision_dtype(o, self.device)
         self.features = Features(o.features)
         self.null_caption = self.features.null_caption()
-        self.model = build_model(o)
+        self.model = build_model(o.model, o.config, o.seed, o.lora_rank, o.lora_alpha, o.lora_targets)
         self._check_features()
         scheduler = Path(o.model) / "scheduler" if o.model else None
         config = load_scheduler(scheduler) if scheduler and scheduler.is_dir() else SchedulerConfig()
@@ -355,38 +287,13 @@ class Trainer:
                     save_checkpoint(self.output, step, self.state_dict(), o.keep_checkpoints)
                 dist.barrier()
             if self.samples is not None and step % o.sample_every == 0:
-                with self.ema.applied() if self.ema else contextlib.nullcontext():
+                with averaged(self.ema):
                     self.samples.write(self.model, self.output / "samples", step)
         if dist.rank() == 0:
-            self.save()
+            lora = (o.lora_rank, o.lora_alpha or o.lora_rank, o.lora_targets or DEFAULT_TARGETS) if o.lora_rank else None
+            written = save_trained(self.model, self.ema, self.output, o.model, lora)
+            print(f"saved {', '.join(str(p) for p in written)}", flush=True)
         dist.barrier()
-
-    def save(self) -> None:
-        """The trained transformer (EMA weights; raw ones as the "raw" variant) and the model's other components."""
-        folder = self.output / "transformer"
-        with self.ema.applied() if self.ema else contextlib.nullcontext():
-            self.model.save_pretrained(folder)
-        if self.ema:
-            raw = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-            save_file(raw, str(folder / f"diffusion_pytorch_model.{RAW_VARIANT}.safetensors"), metadata={"format": "pt"})
-        if self.o.model:
-            source = Path(self.o.model)
-            for name in OTHER_COMPONENTS:
-                if (source / name).is_dir():
-                    shutil.copytree(source / name, self.output / name, copy_function=_link_or_copy, dirs_exist_ok=True)
-            if (source / "model_index.json").is_file():
-                shutil.copy(source / "model_index.json", self.output / "model_index.json")
-        dist.print0(f"saved the trained model to {self.output}")
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    """Hard-link a file of the source model (T5 is tens of GB), or copy it across file systems."""
-    if os.path.exists(dst):
-        os.remove(dst)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 class RunLog:
