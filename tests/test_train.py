@@ -261,3 +261,34 @@ def test_bad_options_name_the_fix(tiny):
     with pytest.raises(ValueError, match="--sample-every needs --sample-prompts"):
         run(tiny, "o", max_steps=1, sample_every=1)
 
+
+def test_lora_saved_and_loaded_by_the_pipeline_reproduces_the_trained_model(pipeline_dir_512, tmp_path):
+    import pixart
+    from safetensors import safe_open
+
+    write_features(tmp_path / "features")
+    options = TrainOptions(features=str(tmp_path / "features"), output=str(tmp_path / "out"),
+                           model=str(pipeline_dir_512), batch_size=2, max_steps=3, lr=1e-2, warmup_steps=0,
+                           grad_clip=1.0, mixed_precision="no", device="cpu", lora_rank=4, lora_alpha=8,
+                           lora_targets=("to_q", "to_v", "ff.net.2"))
+    trainer = Trainer(options)
+    trainer.run()
+    path = tmp_path / "out" / "pytorch_lora_weights.safetensors"
+    state = load_file(path)
+    assert len(state) == 2 * 5 * 2  # 2 blocks × {attn1, attn2}.{to_q, to_v} and ff.net.2 × (A, B)
+    assert state["transformer.transformer_blocks.0.attn1.to_q.lora_B.weight"].abs().sum() > 0  # B starts at 0
+    with safe_open(path, "pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert (config["transformer.r"], config["transformer.lora_alpha"]) == (4, 8)
+    assert not (tmp_path / "out" / "transformer").exists()  # a LoRA run writes the adapter only
+
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
+    base = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    x, y, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g), torch.tensor([10, 900])
+    with torch.no_grad():
+        before = base(x, t, y)
+        pipe.load_lora_weights(path)
+        loaded, trained = pipe.transformer(x, t, y), trainer.model.eval()(x, t, y)
+    torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-6)  # same weights, same ops: equal up to rounding
+    assert not torch.allclose(loaded, before, atol=1e-4)
