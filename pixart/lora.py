@@ -51,8 +51,8 @@ class LoRALinear(nn.Module):
 
     def delta(self, scale: float = 1.0) -> torch.Tensor:
         """Σ weight · scaling · B @ A over the active adapters, (out, in) in fp32."""
-        w = self.lora_B[next(iter(self.lora_B))].weight
-        out = torch.zeros(self.out_features, self.in_features, device=w.device, dtype=torch.float32)
+        device = _float_of(self.base_layer).device
+        out = torch.zeros(self.out_features, self.in_features, device=device, dtype=torch.float32)
         for name, weight in self.active.items():
             factor = scale * weight * self.scaling[name]
             out.addmm_(self.lora_B[name].weight.float(), self.lora_A[name].weight.float(), alpha=factor)

@@ -168,6 +168,11 @@ def layouts(folder, tmp_path) -> dict[str, tuple]:
     save_file({"unet." + k: v for k, v in state.items()}, original / "adapter_model.safetensors")
     (original / "adapter_config.json").write_text(json.dumps(config))
     out["original"] = (original,)
+    named = tmp_path / "peft-named"  # a PEFT model's own state dict keeps the adapter name in the keys
+    named.mkdir()
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in state.items()}, named / "adapter_model.safetensors")
+    (named / "adapter_config.json").write_text(json.dumps(config))
+    out["peft-named"] = (named,)
     kohya = {}
     for m in modules:
         key = "lora_unet_" + m.replace(".", "_")
@@ -195,12 +200,13 @@ def test_peft_saved_lora_gives_peft_models_output(peft_lora, pipeline_dir_512):
     assert layer.scaling == {"default_0": 0.5}  # alpha_pattern: 2 / 4
 
 
-def test_the_four_key_layouts_load_to_the_same_output(peft_lora, pipeline_dir_512, tmp_path):
+def test_every_key_layout_loads_to_the_same_output(peft_lora, pipeline_dir_512, tmp_path):
     outputs = {}
     for name, args in layouts(peft_lora[1], tmp_path).items():
         pipe = pipeline(pipeline_dir_512)
         pipe.load_lora_weights(*args)
         outputs[name] = run(pipe)
+    assert len(outputs) == 5
     for name, out in outputs.items():
         torch.testing.assert_close(out, outputs["peft"], rtol=0, atol=0, msg=name)  # same tensors, same scales
 
