@@ -21,6 +21,7 @@ from .components import MEMORY_MODES
 from .images import png_info
 from .hardware import default_device, default_dtype, set_threads
 from .prompt_cache import PromptCache
+from .reuse import PRESETS, cache_threshold
 from .weights.files import WeightsError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-clean-caption", action="store_true", help="skip the caption cleaning diffusers does")
     gen.add_argument("--max-sequence-length", type=int, default=120, help="T5 tokens (default 120)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                     help="guidance only at steps whose noise level sigma is in (LO, HI], the unconditional pass "
+                          "skipped elsewhere (Kynkaanniemi et al. 2024; e.g. 0.28 5.42; default: every step)")
+    gen.add_argument("--cache", type=_cache_option, default=None, metavar="PRESET|THRESHOLD",
+                     help="reuse the transformer's work between steps that change little: "
+                          f"{', '.join(PRESETS)} or a threshold such as 0.1 (default: off)")
 
     ext = sub.add_parser("extract", help="T5 captions and VAE latents of an image dataset, for `pixart train` "
                          "(torchrun-ready, resumable)")
@@ -176,6 +183,25 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator (default: the rank)")
     p.add_argument("--lora-targets", nargs="+", default=None, metavar="SUFFIX",
                    help="names of the linear layers to adapt (default: to_q to_k to_v to_out.0)")
+
+
+def _cache_option(value: str) -> float | str:
+    """--cache: a preset name or a threshold."""
+    try:
+        cache = float(value)
+    except ValueError:
+        cache = value
+    try:
+        cache_threshold(cache)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return cache
+
+
+def speed_options(args: argparse.Namespace) -> dict:
+    """The opt-in speed settings of the run that change the image, as pipeline keywords (recorded when set)."""
+    options = {"guidance_interval": args.guidance_interval, "cache": args.cache}
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def load_pipeline(args: argparse.Namespace):
@@ -302,7 +328,8 @@ def generate(args: argparse.Namespace) -> list[Path]:
         if from_file:
             summary += f" ({len(jobs) - written} already there; manifest {args.outdir / 'manifest.jsonl'})"
             if dist.rank() == 0:
-                _write_manifest(args.outdir / "manifest.jsonl", jobs, paths, args.model, pipe.dtype)
+                _write_manifest(args.outdir / "manifest.jsonl", jobs, paths, args.model, pipe.dtype,
+                                speed_options(args))
         processes = f" x {dist.world_size()} processes" if dist.world_size() > 1 else ""
         dist.print0(f"loaded in {loaded - started:.1f} s, {summary} in {time.perf_counter() - loaded:.1f} s on "
                     f"{pipe.device}{processes} in {str(pipe.dtype).removeprefix('torch.')}", file=sys.stderr)
@@ -323,13 +350,13 @@ def _generate_batches(pipe, mine: list[list[Job]], paths: list[Path], args: argp
             num_inference_steps=first.steps, guidance_scale=first.guidance, height=first.height, width=first.width,
             generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch],
             clean_caption=not args.no_clean_caption, use_resolution_binning=not args.no_binning,
-            max_sequence_length=args.max_sequence_length,
+            max_sequence_length=args.max_sequence_length, **speed_options(args),
         ).images
         for job, image in zip(batch, images):
             path = paths[job.index]
             if skip_existing and path.exists():
                 continue
-            _save_atomic(image, path, png_info(_settings(job, args.model, pipe.dtype)))
+            _save_atomic(image, path, png_info(_settings(job, args.model, pipe.dtype, speed_options(args))))
             written += 1
             if not skip_existing:
                 print(f"wrote {path} (seed {job.seed})")
@@ -376,16 +403,18 @@ def _slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:40].strip("-") or "image"
 
 
-def _settings(job: Job, model: str, dtype: torch.dtype) -> dict:
+def _settings(job: Job, model: str, dtype: torch.dtype, options: dict) -> dict:
     """What the PNG's `parameters` chunk and the manifest record of an image."""
     return {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
             "guidance": job.guidance, "width": job.width, "height": job.height, "model": str(model),
-            "dtype": str(dtype).removeprefix("torch.")}
+            "dtype": str(dtype).removeprefix("torch."), **options}
 
 
-def _write_manifest(path: Path, jobs: list[Job], paths: list[Path], model: str, dtype: torch.dtype) -> None:
+def _write_manifest(path: Path, jobs: list[Job], paths: list[Path], model: str, dtype: torch.dtype,
+                    options: dict) -> None:
     """One JSON line per image, in index order, written whole (temp file + rename)."""
-    lines = [json.dumps({"file": paths[j.index].name, "index": j.index, **_settings(j, model, dtype)}) for j in jobs]
+    lines = [json.dumps({"file": paths[j.index].name, "index": j.index, **_settings(j, model, dtype, options)})
+             for j in jobs]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     os.replace(tmp, path)

@@ -15,6 +15,7 @@ from .bins import BINS_BY_SAMPLE_SIZE, classify_height_width_bin
 from .components import (COMPONENTS, MODELS, Component, Held, choose_memory, component_folders, device_from,
                          is_available, load_scheduler, load_vae, module_device, module_dtype, read_config, running)
 from .configs import SchedulerConfig
+from .denoise import check_guidance_interval, guidance_window, model_function
 from .images import ImageProcessor, resize_and_crop_tensor
 from .inputs import check_call, micro_conditions, per_image
 from .lora import Adapters, linear_layers
@@ -22,6 +23,7 @@ from .models.t5 import T5EncoderModel
 from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
 from .prompt_cache import PromptCache, fingerprint
+from .reuse import StepCache, cache_threshold
 from .samplers import make_timesteps, randn_tensor, sample
 from .tokenizer import T5Tokenizer, preprocess_prompt, warn_truncated
 from .weights.hub import resolve
@@ -419,9 +421,17 @@ class PixArtAlphaPipeline:
         max_sequence_length: int = 120,
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
+        guidance_interval: tuple[float, float] | None = None,
+        cache: float | str | None = None,
         **kwargs: Any,
     ) -> ImagePipelineOutput | tuple:
-        """Generate images for `prompt` (or for precomputed `prompt_embeds`)."""
+        """Generate images for `prompt` (or for precomputed `prompt_embeds`).
+
+        Beyond diffusers: guidance_interval=(σ_lo, σ_hi) applies classifier-free guidance only at steps whose noise
+        level σ lies in (σ_lo, σ_hi] and skips the unconditional half elsewhere (Kynkäänniemi et al. 2024; e.g.
+        (0.28, 5.42)); cache="fast"/"faster"/"fastest" or a threshold reuses the transformer's work between steps
+        that change little (TeaCache, see pixart.reuse). Both are off by default.
+        """
         kwargs.pop("mask_feature", None)
         if kwargs:
             raise TypeError(f"PixArtAlphaPipeline() got unexpected keyword arguments: {', '.join(kwargs)}")
@@ -430,6 +440,7 @@ class PixArtAlphaPipeline:
                              "load it with a transformer to call it")
         if sigmas is not None:
             raise ValueError("custom sigmas are not supported by pixart's samplers: pass timesteps instead")
+        interval, threshold = check_guidance_interval(guidance_interval), cache_threshold(cache)
         num_images_per_prompt = num_images_per_prompt or 1
         output_type = output_type or "pil"
         check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, output_type, callback_steps,
@@ -473,16 +484,12 @@ class PixArtAlphaPipeline:
         conditions = micro_conditions(cfg, height, width, embeds.shape[0], device, dtype)
         state = {"prompt_embeds": embeds.to(device=device, dtype=dtype), "prompt_attention_mask": mask.to(device)}
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = torch.cat([x, x]) if guidance else x
-            out = transformer(x_in, t.reshape(-1).expand(x_in.shape[0]).to(device), state["prompt_embeds"],
-                              state["prompt_attention_mask"], **conditions)
-            if guidance:
-                uncond, cond = out.chunk(2)
-                out = uncond + guidance_scale * (cond - uncond)  # on all 8 channels, as the reference
-            return out[:, : cfg.in_channels] if cfg.learned_sigma else out  # keep ε, drop the variance
-
         with running(self, "transformer") as transformer, self.progress_bar(total=len(steps)) as bar:
+            forward = transformer if threshold is None else StepCache(transformer, threshold, len(steps))
+            guided = guidance_window(self.scheduler, interval) if guidance else None
+            model_fn = model_function(forward, state, conditions, guidance_scale, guided,
+                                      cfg.in_channels if cfg.learned_sigma else None)
+
             def on_step(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
                 bar.update()
                 if callback is not None and i % callback_steps == 0:

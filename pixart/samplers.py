@@ -240,12 +240,17 @@ def make_timesteps(config: SchedulerConfig, num_inference_steps: int | None = No
     return _TIMESTEPS[config.class_name](config, num_inference_steps)
 
 
+def noise_levels(config: SchedulerConfig, timesteps: torch.Tensor) -> torch.Tensor:
+    """float64 σ_t = sqrt((1 - ᾱ_t) / ᾱ_t) at (possibly fractional) timesteps: the noise-to-signal ratio of x_t."""
+    return _interp(timesteps.cpu(), _train_sigmas(config))
+
+
 def _sigmas(config: SchedulerConfig, timesteps: torch.Tensor) -> torch.Tensor:
     """The (n+1,) float32 noise levels DPM-Solver and Euler pair with `timesteps`, ending at the final sigma."""
     train_sigmas = _train_sigmas(config)
     n = len(timesteps)
     if not config.use_karras_sigmas:
-        sigmas = _interp(timesteps.cpu(), train_sigmas)
+        sigmas = noise_levels(config, timesteps)
     elif config.class_name == "EulerDiscreteScheduler":
         sigmas = _euler_karras_sigmas(config, n)  # Karras sigmas are set by n: timesteps were made from them
     else:

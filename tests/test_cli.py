@@ -73,3 +73,24 @@ def test_unknown_flag_exits_with_usage(capsys):
         main(["generate", "x", "--model", "m", "--stepz", "3"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --stepz" in capsys.readouterr().err
+
+
+def test_speed_options_reach_the_pipeline_and_are_recorded(pipeline_dir_512, tmp_path):
+    out = tmp_path / "fast.png"
+    assert main(["generate", "artistic", "--model", str(pipeline_dir_512), "-o", str(out), "--seed", "2", "--steps",
+                 "3", "--width", "128", "--height", "128", "--no-binning", "--dtype", "fp32", "--quiet",
+                 "--guidance-interval", "0.28", "5.42", "--cache", "fast"]) == 0
+    image = Image.open(out)
+    settings = json.loads(image.text["parameters"])
+    assert settings["guidance_interval"] == [0.28, 5.42] and settings["cache"] == "fast"
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("artistic", num_inference_steps=3, width=128, height=128, use_resolution_binning=False,
+                    generator=[torch.Generator().manual_seed(2)], guidance_interval=(0.28, 5.42), cache="fast").images[0]
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
+
+
+def test_bad_cache_value_exits_with_usage(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "x", "--model", "m", "--cache", "quick"])
+    assert "not a preset" in capsys.readouterr().err

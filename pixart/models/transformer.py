@@ -5,7 +5,7 @@ import functools
 import math
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -132,15 +132,28 @@ class Block(nn.Module):
         self.attn2 = Attention(dim, heads, config.cross_attention_dim or dim, config.attention_bias)
         self.ff = FeedForward(dim, 4 * dim)
 
+    def modulation(self, t6: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """shift, scale, gate of attention then of the MLP, each (B, 1, D), from the (B, 6D) timestep table."""
+        return (self.scale_shift_table[None] + t6.view(-1, 6, t6.shape[-1] // 6)).chunk(6, dim=1)
+
+    def norm(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """LayerNorm without weights, then the timestep's shift and scale."""
+        return modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale)
+
     def forward(self, x: torch.Tensor, t6: torch.Tensor, y: torch.Tensor, y_bias: torch.Tensor | None) -> torch.Tensor:
-        D = x.shape[-1]
-        mods = self.scale_shift_table[None] + t6.view(-1, 6, D)  # (B, 6, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)  # each (B, 1, D)
-        h = modulate(F.layer_norm(x, (D,), eps=self.eps), shift_msa, scale_msa)
-        x = torch.addcmul(x, gate_msa, self.attn1(h))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t6)
+        x = torch.addcmul(x, gate_msa, self.attn1(self.norm(x, shift_msa, scale_msa)))
         x = x + self.attn2(x, y, y_bias)  # no norm, no gate: as the original
-        h = modulate(F.layer_norm(x, (D,), eps=self.eps), shift_mlp, scale_mlp)
-        return torch.addcmul(x, gate_mlp, self.ff(h))
+        return torch.addcmul(x, gate_mlp, self.ff(self.norm(x, shift_mlp, scale_mlp)))
+
+
+class Context(NamedTuple):
+    """What the blocks and the final layer read besides the tokens."""
+
+    t6: torch.Tensor  # (B, 6D) adaLN-single modulation, shared by all blocks
+    t_emb: torch.Tensor  # (B, D) conditioning, for the final layer
+    y: torch.Tensor  # (B, L, D) projected caption
+    y_bias: torch.Tensor | None  # (B, 1, 1, L) attention bias of the caption's padding
 
 
 class PixArtTransformer2DModel(PretrainedModel):
@@ -197,6 +210,19 @@ class PixArtTransformer2DModel(PretrainedModel):
         generated [height, width] in pixels and aspect_ratio (B, 1) height / width, used only by micro-conditioned
         models (1024-MS).
         """
+        tokens, ctx = self.embed(x, timestep, encoder_hidden_states, encoder_attention_mask, resolution, aspect_ratio)
+        return self.final(self.run_blocks(tokens, ctx), ctx, *x.shape[-2:])
+
+    def embed(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        resolution: torch.Tensor | None = None,
+        aspect_ratio: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Context]:
+        """(B, N, D) tokens of the latents, and the context the blocks read (forward's arguments)."""
         B, _, H, W = x.shape
         p = self.config.patch_size
         if H % p or W % p:
@@ -204,12 +230,11 @@ class PixArtTransformer2DModel(PretrainedModel):
                 f"latent size {H}x{W} is not divisible by the patch size {p}: image height and width in pixels "
                 f"must be multiples of {8 * p} (8 × patch size); round them, or use resolution binning"
             )
-        h, w = H // p, W // p
         dtype = x.dtype
 
         # contiguous: the conv's output is channel-major, and every op after would keep that slow layout
         x = self.pos_embed.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
-        x = (x + self.position_embedding(h, w, x.device)).to(dtype)  # added in fp32, as diffusers does
+        x = (x + self.position_embedding(H // p, W // p, x.device)).to(dtype)  # added in fp32, as diffusers does
 
         t = torch.as_tensor(timestep, device=x.device).expand(B)
         t6, t_emb = self.adaln_single(t, resolution, aspect_ratio, dtype)  # (B, 6D), (B, D)
@@ -220,17 +245,24 @@ class PixArtTransformer2DModel(PretrainedModel):
         y_bias = None
         if encoder_attention_mask is not None:
             y_bias = ((1 - encoder_attention_mask.to(dtype)) * MASK_BIAS)[:, None, None, :]  # (B, 1, 1, L)
+        return x, Context(t6, t_emb, y, y_bias)
 
+    def run_blocks(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """The transformer blocks over (B, N, D) tokens."""
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, t6, y, y_bias, use_reentrant=False)
+                x = checkpoint(block, x, ctx.t6, ctx.y, ctx.y_bias, use_reentrant=False)
             else:
-                x = block(x, t6, y, y_bias)
+                x = block(x, ctx.t6, ctx.y, ctx.y_bias)
+        return x
 
-        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
+    def final(self, x: torch.Tensor, ctx: Context, H: int, W: int) -> torch.Tensor:
+        """Final modulated norm and projection of (B, N, D) tokens, unpatchified to (B, out_channels, H, W)."""
+        B, p = x.shape[0], self.config.patch_size
+        shift, scale = (self.scale_shift_table[None] + ctx.t_emb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
         x = modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), shift, scale)
         x = self.proj_out(x)  # (B, N, p·p·C)
-        x = x.view(B, h, w, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        x = x.view(B, H // p, W // p, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         return x.reshape(B, self.out_channels, H, W)
 
     @classmethod
