@@ -4,14 +4,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .. import demo
+
 
 def resolve(
     path_or_id: str | os.PathLike, subfolder: str | None = None, components: list[str] | None = None, **hub_kwargs
 ) -> Path:
-    """A local folder for `path_or_id`; Hub ids come from the cache, or are downloaded when online.
+    """A local folder for `path_or_id` ("demo": the shipped demo model); Hub ids come from the cache, or are
+    downloaded when online.
 
     Only the files we read are fetched: the configs, safetensors weights and tokenizer files of `components`
     (or of `subfolder`, or of the whole repository)."""
+    if str(path_or_id) == demo.NAME:
+        if not (demo.MODEL / "model_index.json").is_file():
+            raise FileNotFoundError(f"the demo model is missing from this installation ({demo.MODEL}): rebuild it with "
+                                    "`python scripts/build_demo.py`")
+        return demo.MODEL / subfolder if subfolder else demo.MODEL
     local = Path(path_or_id).expanduser()
     if local.exists():
         return local / subfolder if subfolder else local

@@ -1,0 +1,155 @@
+"""Rebuild the demo model (pixart/demo/model) from scratch, deterministically, in stages.
+
+    python scripts/build_demo.py --stage all            # data, text, vae, transformer, then copy to --out
+    python scripts/build_demo.py --stage vae --work W   # one stage; later stages read what earlier ones wrote in W
+
+data: the synthetic shapes dataset (PNG + .txt captions). text: a sentencepiece tokenizer trained on the captions and
+a tiny random T5 (frozen: it is never trained). vae: a tiny AutoencoderKL trained on the dataset, its scaling_factor
+set to 1/std of the latents. transformer: `pixart extract` then `pixart train` from scratch, scored with the shapes
+classifier, and the finished folder copied to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pixart.configs import SchedulerConfig, T5Config, VAEConfig
+from pixart.demo import shapes
+from pixart.models.t5 import T5EncoderModel
+from pixart.models.vae import AutoencoderKL
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("data", "text", "vae", "transformer")
+MODEL_INDEX = {
+    "_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.42.1",
+    "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "PixArtTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+VOCAB = 96  # BPE pieces: every caption word is one piece, other words fall back to letters
+T5 = T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, torch_dtype="float32")
+VAE = VAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=128,
+                scaling_factor=1.0)
+
+
+def log(*parts) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
+
+
+def stage_data(work: Path, count: int, seed: int) -> None:
+    shapes.write_dataset(work / "data", count, seed)
+    log(f"data: {count} images in {work / 'data'}")
+
+
+def stage_text(work: Path, seed: int) -> None:
+    """Tokenizer trained on the 54 captions; a random T5 encoder saved in transformers' layout."""
+    import sentencepiece as spm
+
+    folder = work / "model"
+    tokenizer = folder / "tokenizer"
+    tokenizer.mkdir(parents=True, exist_ok=True)
+    captions = [shapes.caption(label) for label in shapes.labels()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions), model_prefix=str(tokenizer / "spiece"), vocab_size=VOCAB, pad_id=0,
+        eos_id=1, unk_id=2, bos_id=-1, model_type="bpe", character_coverage=1.0, num_threads=1, minloglevel=2,
+    )
+    (tokenizer / "spiece.vocab").unlink()
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (tokenizer / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    config = {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 120, **special}
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer / "spiece.model"))
+    split = [c for c in captions if len(sp.encode(c)) != len(c.split())]
+    if split:
+        raise SystemExit(f"the tokenizer splits caption words: {split[:3]}; raise VOCAB")
+
+    torch.manual_seed(seed)
+    T5EncoderModel(T5).save_pretrained(folder / "text_encoder")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    SchedulerConfig().save(folder / "scheduler" / "scheduler_config.json")  # DPM-Solver++ 2M, as the real model
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    log(f"text: tokenizer ({VOCAB} pieces) and T5 (d_model {T5.d_model}) in {folder}")
+
+
+def load_images(folder: Path, count: int | None = None) -> torch.Tensor:
+    """The dataset's PNGs as uint8 (N, 3, 128, 128)."""
+    files = sorted(folder.glob("*.png"))[:count]
+    return torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])).permute(0, 3, 1, 2)
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def stage_vae(work: Path, seed: int, steps: int, batch: int, kl_weight: float) -> None:
+    """Train the VAE (L1 + MSE + a small KL), set scaling_factor = 1/std(latents), check the reconstructions."""
+    images = load_images(work / "data")
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(VAE).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    order = torch.Generator().manual_seed(seed)
+    start = time.time()
+    for step in range(steps):
+        x = to_unit(images[torch.randint(len(images), (batch,), generator=order)])
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample(order)).sample
+        kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.3f} "
+                f"({(time.time() - start) / (step + 1):.2f} s/step)")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(to_unit(x)).latent_dist.mean for x in images[:1024].split(64)])
+        scaling = 1.0 / latents.std().item()
+        held_out = [shapes.sample(i, seed + 1) for i in range(216)]
+        x = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for _, im in held_out])
+        recs = [im for chunk in x.split(54) for im in to_pil(vae(to_unit(chunk)).sample)]
+    score = shapes.score(recs, [label for label, _ in held_out])
+    vae.config = vae.config.replace(scaling_factor=round(scaling, 5))
+    vae.save_pretrained(work / "model" / "vae")
+    log(f"vae: latent std {1 / scaling:.3f} -> scaling_factor {scaling:.5f}; classifier on 216 held-out "
+        f"reconstructions {score:.1%}")
+    if score < 0.98:
+        raise SystemExit(f"the VAE reconstructions score {score:.1%} < 98%: train it longer (--vae-steps)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all")
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo", help="intermediate files")
+    parser.add_argument("--out", type=Path, default=ROOT / "pixart" / "demo" / "model", help="the finished folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=54 * 80)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-batch", type=int, default=8)
+    parser.add_argument("--kl-weight", type=float, default=1e-3)
+    args = parser.parse_args()
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    if "data" in stages:
+        stage_data(args.work, args.images, args.seed)
+    if "text" in stages:
+        stage_text(args.work, args.seed)
+    if "vae" in stages:
+        stage_vae(args.work, args.seed, args.vae_steps, args.vae_batch, args.kl_weight)
+
+
+if __name__ == "__main__":
+    main()
