@@ -44,6 +44,11 @@ def resolution_bin_table(resolution: int, multiple: int) -> dict[str, list[float
     return {k: [snap(h), snap(w)] for k, (h, w) in ASPECT_RATIO_1024_BIN.items()}
 
 
+def model_bin_table(sample_size: int, vae_scale_factor: int = 8, patch_size: int = 2) -> dict[str, list[float]]:
+    """The bins a transformer generates at: the published table of its size, else the 1024 one scaled to it."""
+    return resolution_bin_table(sample_size * vae_scale_factor, vae_scale_factor * patch_size)
+
+
 def classify_height_width_bin(height: int, width: int, ratios: dict[str, list[float]]) -> tuple[int, int]:
     """The (height, width) of the bin whose ratio is nearest to height / width."""
     ar = float(height / width)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .bins import BINS_BY_SAMPLE_SIZE, classify_height_width_bin
+from .bins import classify_height_width_bin, model_bin_table
 from .components import (COMPONENTS, MODELS, Component, Held, choose_memory, component_folders, device_from,
                          is_available, load_scheduler, load_vae, module_device, module_dtype, read_config, running)
 from .configs import SchedulerConfig
@@ -518,9 +518,9 @@ class PixArtAlphaPipeline:
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value < 8:
                 raise ValueError(f"{name} must be an integer number of pixels >= 8, got {value!r}")
-        table = BINS_BY_SAMPLE_SIZE.get(cfg.sample_size) if binning else None
-        if table is not None:
-            return classify_height_width_bin(height, width, table)
+        if binning:
+            return classify_height_width_bin(height, width, model_bin_table(cfg.sample_size, self.vae_scale_factor,
+                                                                            cfg.patch_size))
         multiple = self.vae_scale_factor * cfg.patch_size
         if height % multiple or width % multiple:
             fix_h, fix_w = (round(v / multiple) * multiple or multiple for v in (height, width))

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,13 +23,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pixart.configs import SchedulerConfig, T5Config, VAEConfig
+from pixart.components import COMPONENTS
+from pixart.configs import SchedulerConfig, T5Config, TransformerConfig, VAEConfig
 from pixart.demo import shapes
 from pixart.models.t5 import T5EncoderModel
 from pixart.models.vae import AutoencoderKL
+from pixart.pipeline import PixArtAlphaPipeline
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("data", "text", "vae", "transformer")
+STAGES = ("data", "text", "vae", "extract", "transformer")
 MODEL_INDEX = {
     "_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.42.1",
     "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
@@ -35,8 +40,12 @@ MODEL_INDEX = {
 }
 VOCAB = 96  # BPE pieces: every caption word is one piece, other words fall back to letters
 T5 = T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, torch_dtype="float32")
-VAE = VAEConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=128,
+# 8x down, 4 latent channels; narrow at full resolution, where decoding costs the most
+VAE = VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=4, sample_size=128,
                 scaling_factor=1.0)
+# 64 tokens (16x16 latents, patch 2); no micro-conditions (sample_size is not 128)
+TRANSFORMER = TransformerConfig(sample_size=16, num_attention_heads=4, attention_head_dim=32, num_layers=6,
+                                cross_attention_dim=128, caption_channels=T5.d_model)
 
 
 def log(*parts) -> None:
@@ -93,17 +102,17 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
-def stage_vae(work: Path, seed: int, steps: int, batch: int, kl_weight: float) -> None:
+def stage_vae(work: Path, seed: int, steps: int, batch: int, kl_weight: float, device: str) -> None:
     """Train the VAE (L1 + MSE + a small KL), set scaling_factor = 1/std(latents), check the reconstructions."""
-    images = load_images(work / "data")
+    images = load_images(work / "data").to(device)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(VAE).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
-    order = torch.Generator().manual_seed(seed)
+    vae = AutoencoderKL(VAE).to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    order = torch.Generator(device).manual_seed(seed)
     start = time.time()
     for step in range(steps):
-        x = to_unit(images[torch.randint(len(images), (batch,), generator=order)])
+        x = to_unit(images[torch.randint(len(images), (batch,), generator=order, device=device)])
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample(order)).sample
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1 - posterior.logvar).mean()
@@ -112,43 +121,106 @@ def stage_vae(work: Path, seed: int, steps: int, batch: int, kl_weight: float) -
         loss.backward()
         optimizer.step()
         schedule.step()
-        if step % 50 == 0 or step == steps - 1:
+        if step % 200 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.3f} "
-                f"({(time.time() - start) / (step + 1):.2f} s/step)")
+                f"({(time.time() - start) / (step + 1):.3f} s/step)")
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(to_unit(x)).latent_dist.mean for x in images[:1024].split(64)])
         scaling = 1.0 / latents.std().item()
         held_out = [shapes.sample(i, seed + 1) for i in range(216)]
-        x = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for _, im in held_out])
-        recs = [im for chunk in x.split(54) for im in to_pil(vae(to_unit(chunk)).sample)]
+        x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for _, im in held_out]).to(device)
+        recs = [im for chunk in x.split(54) for im in to_pil(vae(to_unit(chunk)).sample.cpu())]
     score = shapes.score(recs, [label for label, _ in held_out])
     vae.config = vae.config.replace(scaling_factor=round(scaling, 5))
-    vae.save_pretrained(work / "model" / "vae")
+    vae.cpu().save_pretrained(work / "model" / "vae")
     log(f"vae: latent std {1 / scaling:.3f} -> scaling_factor {scaling:.5f}; classifier on 216 held-out "
         f"reconstructions {score:.1%}")
     if score < 0.98:
         raise SystemExit(f"the VAE reconstructions score {score:.1%} < 98%: train it longer (--vae-steps)")
 
 
+def pixart(*args: str) -> None:
+    """Run a `pixart` subcommand of this checkout."""
+    cmd = [sys.executable, "-m", "pixart", *map(str, args)]
+    log(" ".join(cmd))
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def stage_extract(work: Path, device: str) -> None:
+    """The transformer's config (extract reads its size), then T5 features and VAE posteriors of the dataset."""
+    (work / "model" / "transformer").mkdir(exist_ok=True)
+    TRANSFORMER.save(work / "model" / "transformer" / "config.json")
+    pixart("extract", work / "data", "--model", work / "model", "-o", work / "features", "--device", device,
+           "--dtype", "fp32", "--quiet")
+
+
+def stage_transformer(work: Path, out: Path, args: argparse.Namespace) -> float:
+    """`pixart train` from scratch, the 54-caption score of the result, and the finished folder copied to `out`."""
+    run = work / f"train-{args.run}"
+    pixart("train", work / "features", "-o", run, "--model", work / "model",
+           "--config", work / "model" / "transformer" / "config.json", "--batch-size", args.batch_size,
+           "--max-steps", args.train_steps, "--lr", args.lr, "--warmup-steps", args.warmup_steps, "--grad-clip", 1.0,
+           "--ema-decay", args.ema_decay, "--caption-dropout", 0.1, "--seed", args.seed,
+           "--device", args.device, "--sample-every", 0, "--checkpoint-every", 0, "--log-every", 100)
+    pipe = PixArtAlphaPipeline.from_pretrained(run, device=args.device)
+    images, labels = shapes.generate_all(pipe)
+    score = shapes.score(images, labels)
+    sheet = Image.new("RGB", (128 * 12, 128 * 9))
+    for i, image in enumerate(images):
+        sheet.paste(image, (128 * (i % 12), 128 * (i // 12)))
+    sheet.save(work / f"samples-{args.run}.png")
+    (work / f"score-{args.run}.json").write_text(json.dumps({"score": score, **vars(args)}, default=str) + "\n")
+    log(f"transformer: classifier score on the 54 captions x 2 seeds: {score:.1%}")
+    if score < 0.9:
+        raise SystemExit(f"the demo model scores {score:.1%} < 90%: train longer (--train-steps) or change the lr")
+    publish(run, out)
+    return score
+
+
+def publish(folder: Path, out: Path) -> None:
+    """Copy the pipeline folder's files that the model needs to `out`, checking the total stays under 30 MB."""
+    files = [folder / "model_index.json"] + [p for c in COMPONENTS for p in sorted((folder / c).iterdir())]
+    total = sum(p.stat().st_size for p in files)
+    if total > 30e6:
+        raise SystemExit(f"the demo model takes {total / 1e6:.1f} MB > 30 MB")
+    shutil.rmtree(out, ignore_errors=True)
+    for p in files:
+        target = out / p.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, target)
+    log(f"published {len(files)} files, {total / 1e6:.2f} MB, to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all")
+    parser.add_argument("--stage", choices=(*STAGES, "all"), nargs="+", default=["all"])
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "demo", help="intermediate files")
     parser.add_argument("--out", type=Path, default=ROOT / "pixart" / "demo" / "model", help="the finished folder")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=54 * 80)
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--vae-batch", type=int, default=8)
+    parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--kl-weight", type=float, default=1e-3)
+    parser.add_argument("--run", default="main", help="name of the training run (train-RUN/ in --work)")
+    parser.add_argument("--train-steps", type=int, default=4000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=200)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
     args = parser.parse_args()
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = STAGES if "all" in args.stage else args.stage
     if "data" in stages:
         stage_data(args.work, args.images, args.seed)
     if "text" in stages:
         stage_text(args.work, args.seed)
     if "vae" in stages:
-        stage_vae(args.work, args.seed, args.vae_steps, args.vae_batch, args.kl_weight)
+        stage_vae(args.work, args.seed, args.vae_steps, args.vae_batch, args.kl_weight, args.device)
+    if "extract" in stages:
+        stage_extract(args.work, args.device)
+    if "transformer" in stages:
+        stage_transformer(args.work, args.out, args)
 
 
 if __name__ == "__main__":

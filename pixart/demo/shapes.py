@@ -113,9 +113,11 @@ def score(images: list, expected: list[Label]) -> float:
     return sum(classify(im) == label for im, label in zip(images, expected, strict=True)) / len(expected)
 
 
-def generate_all(pipe, seeds: tuple[int, ...] = (0, 1), **call_kwargs) -> tuple[list[Image.Image], list[Label]]:
+def generate_all(pipe, seeds: tuple[int, ...] = (0, 1), num_inference_steps: int = 14, guidance_scale: float = 4.5,
+                 **call_kwargs) -> tuple[list[Image.Image], list[Label]]:
     """Every one of the 54 captions once per seed, in one pipeline call; the images and their labels."""
     captions = [caption(label) for label in labels()]
     generators = [torch.Generator().manual_seed(s) for _ in captions for s in seeds]  # a prompt's images are adjacent
-    images = pipe(captions, num_images_per_prompt=len(seeds), generator=generators, **call_kwargs).images
+    images = pipe(captions, num_images_per_prompt=len(seeds), generator=generators,
+                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, **call_kwargs).images
     return images, [label for label in labels() for _ in seeds]

@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..bins import BINS_BY_SAMPLE_SIZE, classify_height_width_bin
+from ..bins import classify_height_width_bin, model_bin_table
 from ..samplers import SAMPLERS
 from .worker import SAMPLER_NAMES, ApiError, Job, Metrics, QueueFull, Settings, Worker
 
@@ -287,9 +287,10 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
     @app.get("/api/config")  # open like / and /health: the page needs it to ask for the key; holds no data
     async def config() -> dict:
         pipe, size = pipeline(), default_size()
-        table = BINS_BY_SAMPLE_SIZE.get(pipe.model_config("transformer").sample_size)
+        cfg = pipe.model_config("transformer")
+        table = model_bin_table(cfg.sample_size, pipe.vae_scale_factor, cfg.patch_size)
         return {
-            "model": model_name, "sizes": size_presets(table, size),
+            "model": model_name, "sizes": size_presets(table),
             "defaults": {"steps": 20, "guidance_scale": 4.5, "width": size, "height": size},
             "limits": {"max_n": limits.max_n, "max_steps": limits.max_steps, "max_side": limits.max_side,
                        "max_prompt_chars": limits.max_prompt_chars},
@@ -343,10 +344,8 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return int(match[1]), int(match[2])
 
 
-def size_presets(table: dict[str, list[float]] | None, default: int) -> list[dict]:
-    """The common aspect ratios snapped to the model's bins, or just the default size without bins."""
-    if table is None:
-        return [{"label": "1:1", "width": default, "height": default}]
+def size_presets(table: dict[str, list[float]]) -> list[dict]:
+    """The common aspect ratios snapped to the model's bins."""
     out, seen = [], set()
     for w, h in SIZE_LABELS:
         height, width = classify_height_width_bin(h, w, table)
