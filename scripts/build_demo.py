@@ -29,6 +29,7 @@ from pixart.demo import shapes
 from pixart.models.t5 import T5EncoderModel
 from pixart.models.vae import AutoencoderKL
 from pixart.pipeline import PixArtAlphaPipeline
+from pixart.train.loop import RAW_VARIANT
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("data", "text", "vae", "extract", "transformer")
@@ -180,7 +181,8 @@ def stage_transformer(work: Path, out: Path, args: argparse.Namespace) -> float:
 
 def publish(folder: Path, out: Path) -> None:
     """Copy the pipeline folder's files that the model needs to `out`, checking the total stays under 30 MB."""
-    files = [folder / "model_index.json"] + [p for c in COMPONENTS for p in sorted((folder / c).iterdir())]
+    raw = f"diffusion_pytorch_model.{RAW_VARIANT}.safetensors"  # the weights before EMA
+    files = [folder / "model_index.json"] + [p for c in COMPONENTS for p in sorted((folder / c).iterdir()) if p.name != raw]
     total = sum(p.stat().st_size for p in files)
     if total > 30e6:
         raise SystemExit(f"the demo model takes {total / 1e6:.1f} MB > 30 MB")
