@@ -29,7 +29,7 @@ from pixart.demo import shapes
 from pixart.models.t5 import T5EncoderModel
 from pixart.models.vae import AutoencoderKL
 from pixart.pipeline import PixArtAlphaPipeline
-from pixart.train.loop import RAW_VARIANT
+from pixart.train.model import RAW_VARIANT
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("data", "text", "vae", "extract", "transformer")
