@@ -42,7 +42,7 @@ MODEL_INDEX = {
 VOCAB = 96  # BPE pieces: every caption word is one piece, other words fall back to letters
 T5 = T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, torch_dtype="float32")
 # 8x down, 4 latent channels; narrow at full resolution, where decoding costs the most
-VAE = VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=4, sample_size=128,
+VAE = VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=128,
                 scaling_factor=1.0)
 # 64 tokens (16x16 latents, patch 2); no micro-conditions (sample_size is not 128)
 TRANSFORMER = TransformerConfig(sample_size=16, num_attention_heads=4, attention_head_dim=32, num_layers=6,
@@ -108,8 +108,8 @@ def stage_vae(work: Path, seed: int, steps: int, batch: int, kl_weight: float, d
     images = load_images(work / "data").to(device)
     torch.manual_seed(seed)
     vae = AutoencoderKL(VAE).to(device).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     order = torch.Generator(device).manual_seed(seed)
     start = time.time()
     for step in range(steps):
@@ -202,9 +202,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=54 * 80)
-    parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument("--vae-steps", type=int, default=4000)
     parser.add_argument("--vae-batch", type=int, default=32)
-    parser.add_argument("--kl-weight", type=float, default=1e-3)
+    parser.add_argument("--kl-weight", type=float, default=1e-6, help="a larger one blurs the reconstructions")
     parser.add_argument("--run", default="main", help="name of the training run (train-RUN/ in --work)")
     parser.add_argument("--train-steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=256)
