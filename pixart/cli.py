@@ -163,6 +163,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-precision", choices=list(MIXED_PRECISION), default=None,
                    help="autocast dtype (default: bf16 on GPUs and CPUs with native bf16, else no)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the weights, gradients and optimizer "
+                   "state over the processes (FSDP2) instead of replicating them (DDP)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: this rank's GPU when there is one)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, shared among "
                    "the torchrun processes of this machine)")

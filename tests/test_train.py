@@ -136,23 +136,31 @@ def test_ema_update_formula_and_swap():
     assert torch.equal(p.detach(), torch.tensor([5.0, -2.0]))
 
 
-def test_two_processes_match_one(tiny):
-    """torchrun with 2 gloo ranks, each half of every global batch, ends where 1 process ends."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(tiny, mode):
+    """torchrun with 2 gloo ranks, each half of every global batch, ends where 1 process ends (DDP or FSDP2)."""
     args = ["train", str(tiny / "features"), "-o", str(tiny / "two"), "--config", str(tiny / "config.json"),
             "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2", "--grad-clip", "0.5", "--mixed-precision", "no",
-            "--device", "cpu", "--max-steps", "4", "--ema-decay", "0.5", "--seed", "1", "--log-every", "1"]
+            "--device", "cpu", "--max-steps", "4", "--ema-decay", "0.5", "--seed", "1", "--log-every", "1",
+            "--checkpoint-every", "2", *(["--fsdp"] if mode == "fsdp" else [])]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pixart", *args],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    one = run(tiny, "one", batch_size=4, grad_clip=0.5, warmup_steps=2, max_steps=4, ema_decay=0.5, seed=1)
-    a, b = load_file(one / "transformer" / WEIGHTS), load_file(tiny / "two" / "transformer" / WEIGHTS)
-    for k in a:
-        # Gradients summed over two half batches differ from one batch's in float rounding only, which moves the
-        # weights by far less than one Adam step (lr). Except the key biases: softmax ignores a shift common to all
-        # keys, so their exact gradient is 0 and Adam turns rounding noise of either sign into steps of up to lr.
-        atol = 1e-3 * 4 if k.endswith("to_k.bias") else 1e-5
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=k)
+    assert f"({mode.upper()}, 2 x cpu, float32)" in done.stdout
+    same = dict(batch_size=4, grad_clip=0.5, warmup_steps=2, max_steps=4, ema_decay=0.5, seed=1)
+    one = run(tiny, "one", **same)
+    # one process continuing the 2-process run from its step-2 checkpoint (whole tensors, gathered under FSDP)
+    resumed = run(tiny, "resumed", resume=str(tiny / "two" / "checkpoints" / "step-00000002"), **same)
+    a = load_file(one / "transformer" / WEIGHTS)
+    for other in (tiny / "two", resumed):
+        b = load_file(other / "transformer" / WEIGHTS)
+        for k in a:
+            # Gradients summed over two half batches differ from one batch's in float rounding only, which moves the
+            # weights by far less than one Adam step (lr). Except the key biases: softmax ignores a shift common to
+            # all keys, so their exact gradient is 0 and Adam turns rounding noise of either sign into steps of ~lr.
+            atol = 1e-3 * 4 if k.endswith("to_k.bias") else 1e-5
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=f"{other.name}: {k}")
     logs = log_records(one), log_records(tiny / "two")
     assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [1, 2, 3, 4]
     assert [r["loss"] for r in logs[1]] == pytest.approx([r["loss"] for r in logs[0]], abs=1e-5)  # all-reduced mean

@@ -6,14 +6,14 @@ resumes exactly from a checkpoint.
 """
 from __future__ import annotations
 
-import json
-import resource
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import dist
@@ -22,9 +22,11 @@ from ..configs import SchedulerConfig
 from ..hardware import default_device, default_dtype, set_threads
 from ..inputs import micro_conditions
 from ..lora import DEFAULT_TARGETS
+from ..models.transformer import PixArtTransformer2DModel
 from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import Features, epoch_batches
 from .diffusion import Schedule, training_losses
+from .log import RunLog
 from .model import EMA, averaged, build_model, save_trained
 from .samples import SampleWriter
 
@@ -54,6 +56,7 @@ class TrainOptions:
     caption_dropout: float = 0.1
     mixed_precision: str | None = None  # None: bf16 / fp16 where the device runs it natively, else no
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP
     device: str | None = None
     threads: int | None = None  # None: torch's default, or this rank's share of the cores under torchrun
     log_every: int = 10
@@ -141,6 +144,12 @@ class Trainer:
         if o.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.model.to(self.device).train()
+        self.sharded = o.fsdp and dist.world_size() > 1
+        if self.sharded:
+            for block in self.model.transformer_blocks:
+                fully_shard(block)
+            fully_shard(self.model)
+        self._export: PixArtTransformer2DModel | None = None  # rank 0's whole copy of a sharded model
         self.params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, weight_decay=o.weight_decay,
                                            eps=o.adam_eps)
@@ -151,7 +160,7 @@ class Trainer:
         self.progress = Progress()
         self._resume()
         self.net = self.model
-        if dist.world_size() > 1:
+        if dist.world_size() > 1 and not self.sharded:
             self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.samples = None
         if o.sample_every and dist.rank() == 0:
@@ -182,10 +191,13 @@ class Trainer:
         dist.print0(f"resumed from {path} at step {self.progress.step}")
 
     def state_dict(self) -> dict:
+        """The whole run, as full tensors keyed by parameter name (under FSDP a collective: every rank calls it)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {
             "progress": asdict(self.progress), "options": {k: getattr(self.o, k) for k in RESUME_KEYS},
-            "model": {name: p.detach() for name, p in self.params.items()},
-            "ema": self.ema.shadow if self.ema else None, "optimizer": self.optimizer.state_dict(),
+            "model": {name: whole(p) for name, p in self.params.items()},
+            "ema": {name: whole(t) for name, t in self.ema.shadow.items()} if self.ema else None,
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
             "scaler": self.scaler.state_dict(), "generator": self.generator.get_state(),
         }
 
@@ -196,13 +208,13 @@ class Trainer:
             raise ValueError("the checkpoint was trained with other " + ", ".join(
                 f"--{k.replace('_', '-')} ({saved.get(k)!r}, now {getattr(self.o, k)!r})" for k in changed)
                 + ": resume with the same values, or start a new run in another --output")
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(state["model"][name])
+        for name, p in self.params.items():
+            assign(p, state["model"][name])
         if self.ema and state["ema"]:
             for name, t in self.ema.shadow.items():
-                t.copy_(state["ema"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
+                assign(t, state["ema"][name])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         self.progress = Progress(**state["progress"])
@@ -252,7 +264,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             out = self.net(x_t, t, inputs["caption"], inputs["mask"], **conditions)
         losses = training_losses(self.schedule, out.float(), x0, noise, x_t, t)
-        # DDP averages the ranks' gradients: scaling by world / B makes that the mean over the global batch
+        # DDP and FSDP average the ranks' gradients: scaling by world / B makes that the mean over the global batch
         loss = losses["loss"].sum() * (dist.world_size() / len(batch))
         self.scaler.scale(loss).backward()
         lr = o.lr * min(1.0, (self.progress.step + 1) / o.warmup_steps) if o.warmup_steps > 0 else o.lr
@@ -260,7 +272,7 @@ class Trainer:
             group["lr"] = lr
         self.scaler.unscale_(self.optimizer)
         if o.grad_clip > 0:
-            losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params.values(), o.grad_clip)
+            losses["grad_norm"] = whole(torch.nn.utils.clip_grad_norm_(self.params.values(), o.grad_clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -271,71 +283,70 @@ class Trainer:
 
     def run(self) -> None:
         o, log = self.o, RunLog(self.output, self.device)
-        log.begin(self.progress.step)
+        mode = ("FSDP" if self.sharded else "DDP") if dist.world_size() > 1 else "1 process"
+        count = sum(whole(p).numel() if self.sharded else p.numel() for p in self.params.values())
+        dist.print0(f"training {count / 1e6:.1f}M parameters ({mode}, {dist.world_size()} x {self.device}, "
+                    f"{str(self.autocast or torch.float32).removeprefix('torch.')}) from step {self.progress.step}")
         while o.max_steps is None or self.progress.step < o.max_steps:
             batch = self.next_batch()
             if batch is None:
                 break
             losses = self.step(batch)
-            log.add(losses, len(batch))
+            log.add(losses)
             step = self.progress.step
             last = step == o.max_steps
             if step % o.log_every == 0 or last:
                 log.write(step, self.optimizer.param_groups[0]["lr"], self.progress.epoch)
             if o.checkpoint_every and step % o.checkpoint_every == 0:
+                state = self.state_dict()
                 if dist.rank() == 0:
-                    save_checkpoint(self.output, step, self.state_dict(), o.keep_checkpoints)
+                    save_checkpoint(self.output, step, state, o.keep_checkpoints)
                 dist.barrier()
-            if self.samples is not None and step % o.sample_every == 0:
-                with averaged(self.ema):
-                    self.samples.write(self.model, self.output / "samples", step)
+            if o.sample_every and step % o.sample_every == 0:
+                net, ema = self.exported()
+                if self.samples is not None:
+                    with averaged(ema):
+                        self.samples.write(net, self.output / "samples", step)
+        net, ema = self.exported()
         if dist.rank() == 0:
             lora = (o.lora_rank, o.lora_alpha or o.lora_rank, o.lora_targets or DEFAULT_TARGETS) if o.lora_rank else None
-            written = save_trained(self.model, self.ema, self.output, o.model, lora)
+            written = save_trained(net, ema, self.output, o.model, lora)
             print(f"saved {', '.join(str(p) for p in written)}", flush=True)
         dist.barrier()
 
-
-class RunLog:
-    """Loss, learning rate, samples per second and peak memory: a line on stdout and in <output>/log.jsonl."""
-
-    def __init__(self, output: Path, device: torch.device):
-        self.path, self.device = output / "log.jsonl", device
-        self.sums = torch.zeros(4, dtype=torch.float64)  # loss, mse, vb, items
-
-    def begin(self, step: int) -> None:
-        self.start, self.first_step = time.perf_counter(), step
-
-    def add(self, losses: dict[str, torch.Tensor], batch: int) -> None:
-        local = torch.stack([losses[k].sum().double().cpu() for k in ("loss", "mse", "vb")])
-        self.sums += torch.cat([local, torch.tensor([len(losses["loss"])], dtype=torch.float64)])
-        self.grad_norm = float(losses["grad_norm"]) if "grad_norm" in losses else None
-
-    def write(self, step: int, lr: float, epoch: int) -> None:
-        sums = self.sums.clone()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
-        elapsed = time.perf_counter() - self.start
-        loss, mse, vb = (sums[:3] / sums[3]).tolist()
-        record = {"step": step, "epoch": epoch, "loss": loss, "mse": mse, "vb": vb, "lr": lr,
-                  "grad_norm": self.grad_norm, "samples_per_s": float(sums[3]) / elapsed,
-                  "peak_memory_gb": peak_memory(self.device) / 2**30}
-        self.sums.zero_()
-        self.start = time.perf_counter()
+    def exported(self) -> tuple[PixArtTransformer2DModel | None, EMA | None]:
+        """The model and its EMA with whole tensors, on rank 0 (under FSDP gathered into a copy: a collective)."""
+        if not self.sharded:
+            return self.model, self.ema
+        params = {name: whole(p) for name, p in self.params.items()}
+        shadow = {name: whole(t) for name, t in self.ema.shadow.items()} if self.ema else None
         if dist.rank() != 0:
-            return
-        print(f"step {step}  loss {loss:.4f} (mse {mse:.4f}, vb {vb:.4f})  lr {lr:.2e}  "
-              f"{record['samples_per_s']:.2f} samples/s  peak {record['peak_memory_gb']:.2f} GB", flush=True)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            return None, None
+        if self._export is None:
+            o = self.o
+            self._export = build_model(o.model, o.config, o.seed, o.lora_rank, o.lora_alpha, o.lora_targets)
+            self._export.to(self.device)
+        trainable = {name: p for name, p in self._export.named_parameters() if p.requires_grad}
+        for name, p in trainable.items():
+            assign(p, params[name])
+        ema = None
+        if shadow is not None:
+            ema = EMA(trainable, self.ema.decay)
+            ema.shadow = shadow
+        return self._export, ema
 
 
-def peak_memory(device: torch.device) -> int:
-    """Bytes: the CUDA allocator's peak on a GPU, else the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's (or its EMA's) whole tensor; gathering an FSDP shard is a collective."""
+    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
+
+
+@torch.no_grad()
+def assign(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter, or into this rank's shard of it under FSDP."""
+    if isinstance(target, DTensor):
+        value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements)
+    target.copy_(value)
 
 
 def train(o: TrainOptions) -> Path:
