@@ -1,9 +1,9 @@
 """Training throughput and peak memory at the real XL-2 size (random init), per precision and checkpointing.
 
 Writes a features folder of random T5-sized captions and 4-channel latents once, then runs each configuration in a
-fresh process under /usr/bin/time -v: the real `Trainer` (AdamW, EMA, clipping, the hybrid loss), warm-up
-steps, then timed steps. Prints one JSON line per configuration: samples/s and seconds per step (median of the
-timed steps), peak RSS (and the CUDA allocator's peak on a GPU).
+fresh process: the real `Trainer` (AdamW, EMA, clipping, the hybrid loss), warm-up steps, then timed steps. Prints
+one JSON line per configuration: samples/s and seconds per step (median of the timed steps), the process's peak
+RSS (ru_maxrss, the figure /usr/bin/time -v reports) and on a GPU the CUDA allocator's peak.
 
     python bench/train.py                                   # 256², batch 2, fp32 / bf16 × checkpointing off / on
     python bench/train.py --batch-size 1 --steps 1 --warmup 0   # the quick CPU run (emulated bf16 is slow)
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -73,7 +74,9 @@ def worker(args: argparse.Namespace) -> None:
     result = {"config": args.worker, "device": str(trainer.device), "size": args.size, "batch": args.batch_size,
               "threads": torch.get_num_threads(), "build_s": round(built, 1), "warmup_steps": args.warmup,
               "step_s": round(step_s, 3), "samples_per_s": round(args.batch_size / step_s, 3)}
+    result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB on Linux
     if trainer.device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
         result["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -96,7 +99,7 @@ def main() -> None:
         folder = Path(tmp)
         write_inputs(folder, args.batch_size, args.size, args.tokens)
         for name in args.configs:
-            cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--worker", name, "--folder", str(folder),
+            cmd = [sys.executable, __file__, "--worker", name, "--folder", str(folder),
                    "--size", str(args.size), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                    "--warmup", str(args.warmup),
                    "--device", args.device]
@@ -105,10 +108,7 @@ def main() -> None:
             if done.returncode or not found:
                 print(json.dumps({"config": name, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}), flush=True)
                 continue
-            result = json.loads(found.group(1))
-            rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
-            result["peak_rss_gb"] = round(int(rss.group(1)) / 2**20, 2) if rss else None
-            print(json.dumps(result), flush=True)
+            print(found.group(1), flush=True)
 
 
 if __name__ == "__main__":
