@@ -17,11 +17,13 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from . import dist
+from .compile import COMPILE_MODES
 from .components import MEMORY_MODES
 from .images import png_info
 from .hardware import default_device, default_dtype, set_threads
 from .prompt_cache import PromptCache
 from .reuse import PRESETS, cache_threshold
+from .quant import DYNAMIC_QUANTIZATIONS
 from .weights.files import WeightsError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,6 +56,13 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", type=lora_option, action="append", default=[], metavar="FILE[:SCALE]",
                         help="apply a LoRA (file, folder or Hub id; diffusers, PEFT or kohya keys) with a weight "
                              "(default 1.0); repeat to combine several")
+    parser.add_argument("--quantize-transformer", choices=list(DYNAMIC_QUANTIZATIONS), default=None,
+                        help="quantize the transformer while it loads, activations per token at each step: int8 "
+                             "(faster on CPUs and GPUs with int8 kernels), fp8 (GPUs from Ada/Hopper on)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer: the first image "
+                        "of each size compiles (minutes on a CPU), later ones run faster")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="with --compile: torch.compile's mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--no-prompt-cache", action="store_true",
                         help="do not read or write the on-disk cache of prompt embeddings")
     parser.add_argument("--prompt-cache-dir", default=None, help="where the prompt-embedding cache lives "
@@ -218,7 +227,10 @@ def load_pipeline(args: argparse.Namespace):
     if args.transformer:
         config = Path(args.model) / "transformer" if Path(args.model).is_dir() else None
         kwargs["transformer"] = PixArtTransformer2DModel.from_single_file(args.transformer, config=config,
-                                                                          torch_dtype=dtype, device=device)
+                                                                          torch_dtype=dtype, device=device,
+                                                                          quantization=args.quantize_transformer)
+    else:
+        kwargs["transformer_quantization"] = args.quantize_transformer
     if not args.no_prompt_cache:
         kwargs["prompt_cache"] = PromptCache(args.prompt_cache_dir and Path(args.prompt_cache_dir) / "prompt-embeddings",
                                              max_bytes=int(args.prompt_cache_size * 2**30))
@@ -227,8 +239,9 @@ def load_pipeline(args: argparse.Namespace):
     if args.lora:
         names = [pipe.load_lora_weights(path, adapter_name=f"lora_{i}") for i, (path, _) in enumerate(args.lora)]
         pipe.set_adapters(names, [scale for _, scale in args.lora])
-        pipe.fuse_lora()  # merged once: no LoRA cost per step
-    return pipe
+        if args.quantize_transformer is None:
+            pipe.fuse_lora()  # merged once: no LoRA cost per step (integer weights cannot take it)
+    return pipe.compile(args.compile_mode) if args.compile else pipe  # after LoRAs: compiling freezes the weights
 
 
 LINE_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": (int, float),

@@ -9,13 +9,28 @@ import torch
 
 
 @lru_cache(maxsize=None)
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (None where there is none to read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = cpu_flags()
+    if flags is None:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_int8_dot() -> bool:
+    """True when the CPU sums int8 products straight into int32 (AVX512-VNNI or AMX-INT8).
+
+    Without it (AVX2) x86 int8 kernels add u8×s8 pairs in int16, which saturates unless the weights fit 7 bits."""
+    return bool((cpu_flags() or set()) & {"avx512_vnni", "amx_int8"})
 
 
 def default_device() -> torch.device:

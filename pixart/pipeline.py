@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bins import classify_height_width_bin, model_bin_table
+from .compile import compile_model
 from .components import (COMPONENTS, MODELS, Component, Held, choose_memory, component_folders, device_from,
                          is_available, load_scheduler, load_vae, module_device, module_dtype, read_config, running)
 from .configs import SchedulerConfig
@@ -125,6 +126,7 @@ class PixArtAlphaPipeline:
         memory: str = "auto",
         prompt_cache: PromptCache | str | os.PathLike | bool | None = None,
         text_encoder_quantization: str | None = None,
+        transformer_quantization: str | None = None,
         **kwargs: Any,
     ) -> "PixArtAlphaPipeline":
         """Load a diffusers PixArt-α folder or Hub id; a component passed as None is not loaded.
@@ -133,6 +135,8 @@ class PixArtAlphaPipeline:
         "offload" (CUDA) keeps them in CPU memory and moves each to the GPU while it runs; "auto" (default)
         is staged when the models would not fit in the available memory, else full.
         text_encoder_quantization: "int8" or "int4" quantizes T5's linear layers (weight-only) while loading it.
+        transformer_quantization: "int8" (or "fp8" on GPUs from Ada on) quantizes the transformer's block linears
+        while loading it, activations per token at each call: faster where the device has an int8/fp8 kernel.
         prompt_cache: True (the default folder), a folder or a PromptCache: T5 embeddings of prompts seen before
         are read from disk, and the text encoder is not loaded for them (off by default, as in diffusers).
         """
@@ -141,6 +145,9 @@ class PixArtAlphaPipeline:
             raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(unknown)}")
         given = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae,
                  "transformer": transformer, "scheduler": scheduler}
+        if transformer_quantization is not None and transformer is not _LOAD:
+            raise ValueError("transformer_quantization applies to the transformer loaded from the folder: quantize "
+                             "yours as you load it, PixArtTransformer2DModel.from_pretrained(..., quantization=...)")
         wanted = [name for name, value in given.items() if value is _LOAD]
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         folder = resolve(pretrained_model_name_or_path, components=wanted, **hub_kwargs)
@@ -156,7 +163,8 @@ class PixArtAlphaPipeline:
                                                                      quantization=text_encoder_quantization),
             "vae": lambda p: load_vae(p, torch_dtype, load_device),
             "transformer": lambda p: PixArtTransformer2DModel.from_pretrained(p, torch_dtype=torch_dtype,
-                                                                              device=load_device, variant=variant),
+                                                                              device=load_device, variant=variant,
+                                                                              quantization=transformer_quantization),
             "scheduler": load_scheduler,
         }
         loaders = {name: (lambda name=name: makers[name](subfolders[name])) for name in wanted}
@@ -204,6 +212,23 @@ class PixArtAlphaPipeline:
             if self._loaded.get(name) is not None:
                 self._loaded[name].to("cpu")
         self.memory, self._execution_target = "offload", target
+
+    def compile(self, mode: str | None = None, vae: bool = False) -> "PixArtAlphaPipeline":
+        """torch.compile the transformer (and with vae=True the VAE decoder) in place, for the execution device.
+
+        The first call at each image size compiles (minutes on a CPU); later calls of that size reuse it. mode:
+        torch.compile's ("max-autotune"; "reduce-overhead" adds CUDA graphs). On CPU the weights are frozen into the
+        graph: compile after loading LoRAs. The compiled models stay resident, also in memory="staged" (reloading
+        them would compile them again)."""
+        for name in ("transformer", "vae") if vae else ("transformer",):
+            module = getattr(self, name)
+            if module is None:
+                raise ValueError(f"this pipeline has no {name} to compile")
+            if self.memory == "staged":
+                logger.info("compile keeps the %s resident: memory='staged' would reload and recompile it", name)
+            setattr(self, name, module)  # ours now: staged mode no longer releases it
+            compile_model(module.decoder if name == "vae" else module, self.device, mode)
+        return self
 
     def _place(self, name: str, module: Any, device: torch.device | None, dtype: torch.dtype | None) -> None:
         """Move and cast one model; the VAE stays fp32 when fp16 would overflow, T5 keeps its fp32 layers."""

@@ -5,7 +5,7 @@ import functools
 import math
 import os
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +13,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..configs import PRESETS, TransformerConfig
-from ..weights.files import Lazy, WeightsError, lazy_tensors
+from ..quant import DynamicSpec, dynamic_spec, quantize_lazily, quantize_linears
+from ..weights.files import Lazy, WeightsError, lazy_tensors, weight_files
+from ..weights.hub import resolve
 from ..weights.keymaps import PIXART_ORIGINAL, apply_key_map
-from ..weights.loading import PretrainedModel
+from ..weights.loading import PretrainedModel, load_into
 from .layers import attention, modulate, sincos_pos_embed_2d, timestep_embedding
 
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")
@@ -160,9 +162,11 @@ class PixArtTransformer2DModel(PretrainedModel):
     """PixArt-α DiT; parameter names are diffusers', so a diffusers `transformer/` folder loads as is."""
 
     config_class = TransformerConfig
+    keep_fp32 = ("*.scale",)  # the weight scales of a quantized model: fp16 lacks their range
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
+        self.quantization: DynamicSpec | None = None
         if config.norm_type != "ada_norm_single" or config.norm_elementwise_affine:
             raise ValueError(f"only PixArt's adaLN-single without norm weights is supported, not {config.norm_type!r}")
         self.config = config
@@ -185,6 +189,7 @@ class PixArtTransformer2DModel(PretrainedModel):
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
 
+    @torch.compiler.assume_constant_result  # torch.compile: a constant of the graph, no guard on the cache
     def position_embedding(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         """The (1, h·w, D) float32 sin-cos embedding of an h×w token grid, computed once per size and device."""
         key = (h, w, device)
@@ -266,6 +271,52 @@ class PixArtTransformer2DModel(PretrainedModel):
         return x.reshape(B, self.out_channels, H, W)
 
     @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        variant: str | None = None,
+        quantization: str | DynamicSpec | None = None,
+        **config_overrides: Any,
+    ) -> "PixArtTransformer2DModel":
+        """Load from a model folder (or a pipeline folder + subfolder, or a Hub id).
+
+        quantization: "int8" (or "fp8", GPUs from Ada on) quantizes the blocks' linear layers while loading: weights
+        per output channel, activations per token at each call (see pixart.quant.DynamicLinear)."""
+        if quantization is None:
+            return super().from_pretrained(path_or_id, subfolder, torch_dtype, device, variant, **config_overrides)
+        folder = resolve(path_or_id, subfolder)
+        config = cls.config_class.from_json(folder / "config.json").replace(**config_overrides)
+        tensors = cls.map_keys(lazy_tensors(weight_files(folder, variant)))
+        return cls.from_state(config, tensors, str(folder), torch_dtype, device, quantization)
+
+    @classmethod
+    def from_state(cls, config: TransformerConfig, tensors: dict[str, Lazy], source: str = "the state dict",
+                   torch_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                   quantization: str | DynamicSpec | None = None) -> "PixArtTransformer2DModel":
+        """Load from key -> lazy tensor; with `quantization`, each block linear's float weight is read, quantized and
+        dropped in turn, so the float model is never whole in memory."""
+        spec = dynamic_spec(quantization, device)
+        if spec is None:
+            return super().from_state(config, tensors, source, torch_dtype, device)
+        with torch.device("meta"):
+            model = cls(config)
+            # the blocks hold 97% of the weights; the embedders and the final layer stay in float
+            layers = quantize_linears(model.transformer_blocks, spec, prefix="transformer_blocks.")
+        model.quantization = spec
+        tensors = quantize_lazily(tensors, layers, torch_dtype or torch.float32)
+        return load_into(lambda: model, tensors, source, torch_dtype, device, cls.keep_fp32)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write config.json and the weights (float models only: a quantized one is quantized again when loaded)."""
+        if self.quantization is not None:
+            raise ValueError("a transformer quantized while loading is not saved: save the float model, and load it "
+                             "with quantization= (quantizing takes seconds)")
+        super().save_pretrained(folder)
+
+    @classmethod
     def map_keys(cls, tensors: dict[str, Lazy]) -> dict[str, Lazy]:
         """Original-repository keys (x_embedder, blocks.N.attn.qkv, ...) map to ours; our own pass through."""
         if "x_embedder.proj.weight" in tensors:
@@ -280,10 +331,12 @@ class PixArtTransformer2DModel(PretrainedModel):
         torch_dtype: torch.dtype | None = None,
         use_ema: bool = False,
         device: str | torch.device = "cpu",
+        quantization: str | DynamicSpec | None = None,
     ) -> "PixArtTransformer2DModel":
         """Load one weight file: the original PixArt-XL-2-*.pth, or the same as .safetensors, in either key layout.
 
         `config`: a TransformerConfig, a config.json or a folder holding one, or None to infer it from the weights.
+        `quantization`: as in from_pretrained.
         """
         path = Path(path)
         if not path.is_file():
@@ -295,7 +348,7 @@ class PixArtTransformer2DModel(PretrainedModel):
         elif not isinstance(config, TransformerConfig):
             config_path = Path(config)
             config = TransformerConfig.from_json(config_path / "config.json" if config_path.is_dir() else config_path)
-        return cls.from_state(config, tensors, str(path), torch_dtype, device)
+        return cls.from_state(config, tensors, str(path), torch_dtype, device, quantization)
 
 
 def infer_config(tensors: dict[str, Lazy], pos_embed: Lazy | None, source: Path) -> TransformerConfig:
