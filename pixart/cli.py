@@ -22,8 +22,8 @@ from .components import MEMORY_MODES
 from .images import png_info
 from .hardware import default_device, default_dtype, set_threads
 from .prompt_cache import PromptCache
-from .reuse import PRESETS, cache_threshold
 from .quant import DYNAMIC_QUANTIZATIONS
+from .reuse import PRESETS, cache_threshold
 from .weights.files import WeightsError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

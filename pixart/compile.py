@@ -28,16 +28,17 @@ def compile_options(device: torch.device, mode: str | None) -> dict[str, Any]:
     return {"dynamic": False, "mode": mode}
 
 
-def compile_model(module: nn.Module, device: torch.device, mode: str | None = None) -> nn.Module:
-    """Compile `module`'s forward in place, for inference (its parameter names stay as they are).
+def compile_model(module: nn.Module, device: torch.device, mode: str | None = None,
+                  method: str = "forward") -> nn.Module:
+    """Compile `module.<method>` in place, for inference (parameter names stay as they are).
 
     It compiles on its first call per input shape; later calls of that shape reuse the graph."""
-    if "forward" in vars(module):
-        raise ValueError(f"{type(module).__name__} is already compiled")
+    if method in vars(module):
+        raise ValueError(f"{type(module).__name__}.{method} is already compiled")
     prepare_kernels(module)  # what the quantized layers' kernels need, made eagerly: a traced graph cannot
-    compiled = torch.compile(module.forward, **compile_options(device, mode))
+    compiled = torch.compile(getattr(module, method), **compile_options(device, mode))
     if device.type != "cpu":
-        module.forward = compiled
+        setattr(module, method, compiled)
         return module
 
     def frozen(*args: Any, **kwargs: Any) -> Any:
@@ -46,5 +47,5 @@ def compile_model(module: nn.Module, device: torch.device, mode: str | None = No
         with torch.no_grad(), torch._inductor.config.patch(freezing=True):
             return compiled(*args, **kwargs)
 
-    module.forward = frozen
+    setattr(module, method, frozen)
     return module
