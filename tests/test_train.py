@@ -300,3 +300,8 @@ def test_lora_saved_and_loaded_by_the_pipeline_reproduces_the_trained_model(pipe
         loaded, trained = pipe.transformer(x, t, y), trainer.model.eval()(x, t, y)
     torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-6)  # same weights, same ops: equal up to rounding
     assert not torch.allclose(loaded, before, atol=1e-4)
+
+
+def test_epochs_end_the_run_and_the_last_steps_are_logged(tiny):
+    out = run(tiny, "run", epochs=2, log_every=3)  # 2 buckets of 4 items, batches of 2: 4 steps per epoch
+    assert [(r["step"], r["epoch"]) for r in log_records(out)] == [(3, 0), (6, 1), (8, 2)]

@@ -26,6 +26,11 @@ class RunLog:
         self.sums += torch.cat([local, torch.tensor([len(losses["loss"])], dtype=torch.float64)])
         self.grad_norm = float(losses["grad_norm"]) if "grad_norm" in losses else None
 
+    @property
+    def pending(self) -> bool:
+        """Steps were added since the last write."""
+        return bool(self.sums[3])
+
     def write(self, step: int, lr: float, epoch: int) -> None:
         """Log the means over all ranks since the last write (a collective: every rank calls it)."""
         sums = self.sums.clone()

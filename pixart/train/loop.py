@@ -294,8 +294,7 @@ class Trainer:
             losses = self.step(batch)
             log.add(losses)
             step = self.progress.step
-            last = step == o.max_steps
-            if step % o.log_every == 0 or last:
+            if step % o.log_every == 0:
                 log.write(step, self.optimizer.param_groups[0]["lr"], self.progress.epoch)
             if o.checkpoint_every and step % o.checkpoint_every == 0:
                 state = self.state_dict()
@@ -307,6 +306,8 @@ class Trainer:
                 if self.samples is not None:
                     with averaged(ema):
                         self.samples.write(net, self.output / "samples", step)
+        if log.pending:
+            log.write(self.progress.step, self.optimizer.param_groups[0]["lr"], self.progress.epoch)
         net, ema = self.exported()
         if dist.rank() == 0:
             lora = (o.lora_rank, o.lora_alpha or o.lora_rank, o.lora_targets or DEFAULT_TARGETS) if o.lora_rank else None
