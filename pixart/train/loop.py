@@ -23,11 +23,12 @@ from ..hardware import default_device, default_dtype, set_threads
 from ..inputs import micro_conditions
 from ..lora import DEFAULT_TARGETS
 from ..models.transformer import PixArtTransformer2DModel
+from ..weights.hub import resolve
 from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import Features, epoch_batches
 from .diffusion import Schedule, training_losses
 from .log import RunLog
-from .model import EMA, averaged, build_model, save_trained
+from .model import EMA, OTHER_COMPONENTS, averaged, build_model, save_trained
 from .samples import SampleWriter
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -134,9 +135,12 @@ class Trainer:
         self.autocast = mixed_precision_dtype(o, self.device)
         self.features = Features(o.features)
         self.null_caption = self.features.null_caption()
-        self.model = build_model(o.model, o.config, o.seed, o.lora_rank, o.lora_alpha, o.lora_targets)
+        # a Hub id becomes its local snapshot, with the components this run reads or copies
+        wanted = ["transformer", "scheduler"] + (list(OTHER_COMPONENTS) if o.sample_every or not o.lora_rank else [])
+        self.source = str(resolve(o.model, components=wanted)) if o.model else None
+        self.model = build_model(self.source, o.config, o.seed, o.lora_rank, o.lora_alpha, o.lora_targets)
         self._check_features()
-        scheduler = Path(o.model) / "scheduler" if o.model else None
+        scheduler = Path(self.source) / "scheduler" if self.source else None
         config = load_scheduler(scheduler) if scheduler and scheduler.is_dir() else SchedulerConfig()
         if config.prediction_type != "epsilon":
             raise ValueError(f"the model's scheduler predicts {config.prediction_type!r}; training supports epsilon")
@@ -164,7 +168,7 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.samples = None
         if o.sample_every and dist.rank() == 0:
-            self.samples = SampleWriter(o.model, list(o.sample_prompts), self.device, self.features.max_length,
+            self.samples = SampleWriter(self.source, list(o.sample_prompts), self.device, self.features.max_length,
                                         o.sample_steps, o.sample_guidance, o.sample_seed, o.sample_size)
 
     def _check_features(self) -> None:
@@ -284,7 +288,7 @@ class Trainer:
     def run(self) -> None:
         o, log = self.o, RunLog(self.output, self.device)
         mode = ("FSDP" if self.sharded else "DDP") if dist.world_size() > 1 else "1 process"
-        count = sum(whole(p).numel() if self.sharded else p.numel() for p in self.params.values())
+        count = sum(p.numel() for p in self.params.values())  # a DTensor's numel is the whole tensor's
         dist.print0(f"training {count / 1e6:.1f}M parameters ({mode}, {dist.world_size()} x {self.device}, "
                     f"{str(self.autocast or torch.float32).removeprefix('torch.')}) from step {self.progress.step}")
         while o.max_steps is None or self.progress.step < o.max_steps:
@@ -311,7 +315,7 @@ class Trainer:
         net, ema = self.exported()
         if dist.rank() == 0:
             lora = (o.lora_rank, o.lora_alpha or o.lora_rank, o.lora_targets or DEFAULT_TARGETS) if o.lora_rank else None
-            written = save_trained(net, ema, self.output, o.model, lora)
+            written = save_trained(net, ema, self.output, self.source, lora)
             print(f"saved {', '.join(str(p) for p in written)}", flush=True)
         dist.barrier()
 
@@ -325,7 +329,7 @@ class Trainer:
             return None, None
         if self._export is None:
             o = self.o
-            self._export = build_model(o.model, o.config, o.seed, o.lora_rank, o.lora_alpha, o.lora_targets)
+            self._export = build_model(self.source, o.config, o.seed, o.lora_rank, o.lora_alpha, o.lora_targets)
             self._export.to(self.device)
         trainable = {name: p for name, p in self._export.named_parameters() if p.requires_grad}
         for name, p in trainable.items():
