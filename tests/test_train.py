@@ -305,3 +305,14 @@ def test_lora_saved_and_loaded_by_the_pipeline_reproduces_the_trained_model(pipe
 def test_epochs_end_the_run_and_the_last_steps_are_logged(tiny):
     out = run(tiny, "run", epochs=2, log_every=3)  # 2 buckets of 4 items, batches of 2: 4 steps per epoch
     assert [(r["step"], r["epoch"]) for r in log_records(out)] == [(3, 0), (6, 1), (8, 2)]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_fp32_weights(tiny, precision):
+    """Autocast (fp16 with its gradient scaler) computes in low precision; the weights and EMA stay fp32."""
+    out = run(tiny, precision, max_steps=3, mixed_precision=precision, gradient_checkpointing=True, ema_decay=0.5)
+    assert all(math.isfinite(r["loss"]) for r in log_records(out))
+    for name in (WEIGHTS, "diffusion_pytorch_model.raw.safetensors"):
+        state = load_file(out / "transformer" / name)
+        assert all(v.dtype == torch.float32 for v in state.values())
+    assert not torch.equal(state["proj_out.weight"], torch.zeros_like(state["proj_out.weight"]))  # it trained
