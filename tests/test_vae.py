@@ -208,6 +208,20 @@ def test_channels_last_gives_the_same_output(saved):
     torch.testing.assert_close(mean, ref.encode(x).latent_dist.mean, atol=ATOL, rtol=0)
 
 
+@torch.no_grad()
+def test_cpu_decode_runs_channels_last_and_equals_the_nchw_decoder(saved):
+    _, vae = load(saved)
+    layouts = []
+    vae.decoder.conv_in.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    z = latents(6, 10)
+    out = vae.decode(z).sample
+    assert layouts == [True]
+    nchw = vae.decoder(vae.post_quant_conv(z))  # the same layers on the contiguous NCHW input
+    assert nchw.is_contiguous()
+    torch.testing.assert_close(out, nchw, atol=ATOL, rtol=0)  # only the convolutions' summation order differs
+
+
 def test_gradients_match_diffusers_despite_in_place_ops(saved):
     ref, vae = load(saved)
     x = images()

@@ -271,6 +271,8 @@ class AutoencoderKL(PretrainedModel):
         return self._decode_whole(z)
 
     def _decode_whole(self, z: torch.Tensor) -> torch.Tensor:
+        if z.device.type == "cpu":  # oneDNN's NHWC convolutions are faster on the wide 256-512² layers
+            z = z.contiguous(memory_format=torch.channels_last)
         return self.decoder(self.post_quant_conv(z) if self.post_quant_conv is not None else z)
 
     def _decode_tiled(self, z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
