@@ -22,7 +22,7 @@ from .components import MEMORY_MODES
 from .images import png_info
 from .hardware import default_device, default_dtype, set_threads
 from .prompt_cache import PromptCache
-from .quant import DYNAMIC_QUANTIZATIONS
+from .quant_dynamic import DYNAMIC_QUANTIZATIONS
 from .reuse import PRESETS, cache_threshold
 from .weights.files import WeightsError
 

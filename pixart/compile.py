@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .quant import prepare_kernels
+from .quant_dynamic import prepare_kernels
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 

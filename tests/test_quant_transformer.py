@@ -17,7 +17,7 @@ from pixart.cli import main
 from pixart.compile import compile_model, compile_options
 from pixart.configs import TransformerConfig
 from pixart.models.transformer import PixArtTransformer2DModel
-from pixart.quant import DynamicLinear, DynamicSpec, quantize_rows
+from pixart.quant_dynamic import DynamicLinear, DynamicSpec, quantize_rows
 from pixart.weights.files import Lazy
 
 CONFIG = TransformerConfig(sample_size=16, num_layers=2, num_attention_heads=2, attention_head_dim=16, in_channels=4,

@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..configs import PRESETS, TransformerConfig
-from ..quant import DynamicSpec, dynamic_spec, quantize_lazily, quantize_linears
+from ..quant import quantize_lazily, quantize_linears
+from ..quant_dynamic import DynamicSpec, dynamic_spec
 from ..weights.files import Lazy, WeightsError, lazy_tensors, weight_files
 from ..weights.hub import resolve
 from ..weights.keymaps import PIXART_ORIGINAL, apply_key_map
