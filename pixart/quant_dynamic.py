@@ -36,9 +36,10 @@ def per_channel(w: torch.Tensor, dtype: torch.dtype, format: str, qmax: float) -
 def dynamic_kernel(format: str, device: torch.device) -> str:
     """The kernel a dynamic layer uses on `device`: the fastest measured (bench/quant.py), else "reference".
 
-    x86 CPUs: with VNNI/AMX, `torch._int_mm` (1.45× bf16 on a Zen 4, issue 6); without (AVX2), oneDNN's qlinear
-    (1.5-2× fp32 here), as `_int_mm` has no AVX2 kernel there (50× slower than fp32). CUDA: `_int_mm` (int8 tensor
-    cores) and `_scaled_mm` for fp8 from compute capability 8.9 (Ada, Hopper)."""
+    x86 CPUs with VNNI/AMX: `torch._int_mm` (1.45× bf16 on a Zen 4, issue 6). AVX2 only: oneDNN's qlinear, the op
+    inductor's own x86 quantization lowers to (its GEMM 1.8-3.3× fp32 F.linear on a 2-core EPYC); `_int_mm` has no
+    AVX2 kernel (50× slower than fp32), and fbgemm's dynamic linear is deprecated and quantizes activations per
+    tensor to 7 bits. CUDA: `_int_mm` (int8 tensor cores); fp8 `_scaled_mm` from compute capability 8.9."""
     if device.type == "cuda":
         if format == "int8":
             return "int_mm"
