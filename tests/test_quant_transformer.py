@@ -177,24 +177,25 @@ def test_compile_options_freeze_weights_on_cpu_and_check_the_mode():
         compile_options(torch.device("cpu"), "fast")
 
 
-def test_compiled_staged_pipeline_keeps_its_transformer_and_does_not_recompile(pipeline_dir_512, monkeypatch):
-    """Dynamo's side (one graph, no graph break, no recompile, the transformer kept), with inductor swapped for the
-    eager backend to keep the test fast; inductor's side is in the slow test below."""
+def test_compiled_staged_pipeline_keeps_its_models_and_does_not_recompile(pipeline_dir_512, monkeypatch):
+    """Dynamo's side (one graph per model, no graph break, no recompile, the models kept), with inductor swapped for
+    the eager backend to keep the test fast; inductor's side is in the slow test below."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, memory="staged")
     pipe.set_progress_bar_config(disable=True)
-    transformer = pipe.compile().transformer
+    transformer, vae = pipe.compile(vae=True).transformer, pipe.vae
     with pytest.raises(ValueError, match="run_blocks is already compiled"):
         compile_model(transformer, torch.device("cpu"), method="run_blocks")
     counters = torch._dynamo.utils.counters
     counters.clear()
-    run = functools.partial(pipe, num_inference_steps=2, width=128, height=128, output_type="latent")
-    run("a red circle")
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    run = functools.partial(pipe, num_inference_steps=2, width=128, height=128, output_type="pt")
+    first = run("a red circle", generator=torch.Generator().manual_seed(0)).images
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # the blocks, the decoder
     with torch._dynamo.config.patch(error_on_recompile=True):
-        run("another prompt", generator=torch.Generator().manual_seed(3))
+        again = run("a red circle", generator=torch.Generator().manual_seed(0)).images
         run("a red circle", cache="fastest")  # step caching calls the same compiled blocks
-    assert pipe.transformer is transformer  # staged mode did not release it
+    assert torch.equal(first, again)
+    assert pipe.transformer is transformer and pipe.vae is vae  # staged mode did not release them
 
 
 @pytest.mark.slow
