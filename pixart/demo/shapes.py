@@ -92,12 +92,14 @@ def classify(image: Image.Image | np.ndarray) -> Label:
     bg = np.array(BACKGROUNDS[background], dtype=np.float64)
     distance = np.linalg.norm(pixels - bg, axis=-1)
     far = distance > 60  # every palette colour is > 110 away from every background
-    if far.sum() < 50:  # less than a 7-pixel square: no shape
+    if far.sum() < 50:  # fewer pixels than a 7-pixel square: no shape
         return Label(background, "none", "none")
     core = distance >= np.quantile(distance[far], 0.5)  # the inner half: blurred edges mix in the background
     color = _nearest(np.median(pixels[core], axis=0), COLORS)
     fg = np.array(COLORS[color], dtype=np.float64)
     mask = np.linalg.norm(pixels - fg, axis=-1) < np.linalg.norm(pixels - bg, axis=-1)
+    if mask.sum() < 50:  # colour far from the background, but nearer it than to any shape colour
+        return Label(background, color, "none")
     rows, cols = np.nonzero(mask)
     # bounds from quantiles, so a few stray pixels do not stretch the box
     top, bottom = np.quantile(rows, [0.002, 0.998])
