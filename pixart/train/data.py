@@ -36,7 +36,7 @@ logger = logging.getLogger("pixart")
 FORMAT, VERSION = "pixart-features", 1
 INDEX_KEYS = ("max_length", "caption_dim", "latent_channels", "vae_scale_factor", "scaling_factor", "resolution",
               "model", "encoder")
-OPEN_SHARDS = 16  # shard headers kept parsed by a reader
+OPEN_SHARDS = 256  # shard headers kept parsed by a reader (a random batch touches many; fewer re-parse a header per item)
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], bool]:
