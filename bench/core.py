@@ -87,22 +87,29 @@ def worker(engine: str, part: str, size: int, dtype_name: str, repeats: int, thr
             from diffusers import AutoencoderKL
         model = AutoencoderKL.from_pretrained(CACHE / "vae", torch_dtype=dtype).to(device).eval()
         call = lambda: model.decode(z, return_dict=False)[0]  # noqa: E731
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    times = []
     with torch.inference_mode():
-        out = call()  # warm-up
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            out = call()
-            sync()
-            times.append(time.perf_counter() - start)
+        times, out = timed(lambda warm_up: call(), repeats, device)
     assert torch.isfinite(out).all()
     peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if cuda:
+    if device.startswith("cuda"):
         peak["peak_vram_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return {"seconds": statistics.median(times), **peak}
+    return {**times, **peak}
+
+
+def timed(call, repeats: int, device: str) -> tuple[dict[str, float], object]:
+    """Medians of `repeats` calls after a warm-up: wall seconds, and this process's CPU seconds (all its threads,
+    which other processes on a busy machine do not inflate); and the last call's result. call(warm_up: bool)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    out = call(True)
+    wall, cpu = [], []
+    for _ in range(repeats):
+        sync()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        out = call(False)
+        sync()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {"seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu)}, out
 
 
 def main() -> None:

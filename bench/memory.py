@@ -1,7 +1,6 @@
 """Peak RSS and time of a whole generation at the real PixArt-α sizes (random weights), per memory configuration.
 
-Builds once, on disk, a full-size pipeline folder with random weights: T5-XXL stored in fp32 and sharded as on
-the Hub, XL-2-1024-MS, the SD VAE, a sentencepiece tokenizer and PixArt's scheduler config. Then each
+Builds once, on disk, a full-size pipeline folder with random weights (bench/folders.py). Then each
 configuration runs one generation in a fresh process under /usr/bin/time -v (peak RSS counts every touched
 page, file-backed ones included) and prints one JSON line.
 
@@ -17,12 +16,11 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-CACHE = Path(__file__).resolve().parent / "_cache"
-FOLDER = CACHE / "pixart-xl-2-1024-ms-random"
+from folders import pipeline_folder
+
 PROMPT = "A small cactus with a happy face in the Sahara desert."
 CONFIGS = {  # name -> (engine, dtype, memory, text-encoder quantization)
     "pixart-bf16-full": ("pixart", "bf16", "full", None),
@@ -32,80 +30,6 @@ CONFIGS = {  # name -> (engine, dtype, memory, text-encoder quantization)
     "diffusers-bf16": ("diffusers", "bf16", None, None),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def build_folder() -> None:
-    """The full-size folder, written tensor group by tensor group so building it never holds T5-XXL whole."""
-    if (FOLDER / "model_index.json").is_file():
-        return
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import PIXART_SCHEDULER, train_spm
-    from core import build_cache  # the random transformer and VAE of bench/core.py
-    from safetensors.torch import save_file
-
-    build_cache()
-    FOLDER.mkdir(parents=True, exist_ok=True)
-    for name in ("transformer", "vae"):
-        src = CACHE / ("transformer-1024" if name == "transformer" else "vae")
-        (FOLDER / name).mkdir(exist_ok=True)
-        for f in src.iterdir():
-            target = FOLDER / name / f.name
-            if not target.exists():
-                target.symlink_to(f.resolve())
-    tok = FOLDER / "tokenizer"
-    tok.mkdir(exist_ok=True)
-    train_spm(tok)
-    (tok / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>",
-                                                             "unk_token": "<unk>"}))
-    (FOLDER / "scheduler").mkdir(exist_ok=True)
-    (FOLDER / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps({"_class_name": "DPMSolverMultistepScheduler", **PIXART_SCHEDULER}))
-    te = FOLDER / "text_encoder"
-    te.mkdir(exist_ok=True)
-    config = {"architectures": ["T5EncoderModel"], "model_type": "t5", "d_model": 4096, "d_kv": 64, "d_ff": 10240,
-              "num_layers": 24, "num_heads": 64, "vocab_size": 32128, "feed_forward_proj": "gated-gelu",
-              "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-              "layer_norm_epsilon": 1e-6, "dropout_rate": 0.0, "torch_dtype": "float32"}
-    (te / "config.json").write_text(json.dumps(config))
-    g = torch.Generator().manual_seed(0)
-
-    def randn(*shape, std):
-        return torch.randn(*shape, generator=g) * std
-
-    weight_map, shard, shard_no = {}, {}, 0
-
-    def flush():
-        nonlocal shard, shard_no
-        if shard:
-            shard_no += 1
-            name = f"model-{shard_no:05d}-of-00025.safetensors"
-            save_file(shard, str(te / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-            shard = {}
-
-    shard["shared.weight"] = randn(32128, 4096, std=1.0)
-    for i in range(24):
-        p = f"encoder.block.{i}.layer."
-        for n in "qkvo":
-            shard[f"{p}0.SelfAttention.{n}.weight"] = randn(4096, 4096, std=4096**-0.5 if n != "q" else 4096**-1)
-        if i == 0:
-            shard[f"{p}0.SelfAttention.relative_attention_bias.weight"] = randn(32, 64, std=0.1)
-        shard[f"{p}0.layer_norm.weight"] = torch.ones(4096)
-        shard[f"{p}1.DenseReluDense.wi_0.weight"] = randn(10240, 4096, std=4096**-0.5)
-        shard[f"{p}1.DenseReluDense.wi_1.weight"] = randn(10240, 4096, std=4096**-0.5)
-        shard[f"{p}1.DenseReluDense.wo.weight"] = randn(4096, 10240, std=10240**-0.5)
-        shard[f"{p}1.layer_norm.weight"] = torch.ones(4096)
-        flush()  # one block per shard (24, then the final norm: 25): building never holds more than ~800 MB
-    shard["encoder.final_layer_norm.weight"] = torch.ones(4096)
-    flush()
-    total = sum((te / f).stat().st_size for f in set(weight_map.values()))
-    (te / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                 "weight_map": weight_map}))
-    (FOLDER / "model_index.json").write_text(json.dumps({
-        "_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.42.1",
-        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "PixArtTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"]}))
 
 
 def worker(config: str, size: int, steps: int, dtype_override: str | None) -> dict:
@@ -120,11 +44,11 @@ def worker(config: str, size: int, steps: int, dtype_override: str | None) -> di
         import pixart
 
         extra = {"text_encoder_quantization": quant} if quant else {}
-        pipe = pixart.PixArtAlphaPipeline.from_pretrained(FOLDER, torch_dtype=DTYPES[dtype], memory=memory, **extra)
+        pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_folder(), torch_dtype=DTYPES[dtype], memory=memory, **extra)
     else:
         from diffusers import PixArtAlphaPipeline
 
-        pipe = PixArtAlphaPipeline.from_pretrained(FOLDER, torch_dtype=DTYPES[dtype])
+        pipe = PixArtAlphaPipeline.from_pretrained(pipeline_folder(), torch_dtype=DTYPES[dtype])
     pipe.set_progress_bar_config(disable=True)
     image = pipe(PROMPT, **kwargs).images
     assert image.shape == (1, size, size, 3)
@@ -144,7 +68,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.size, args.steps, args.dtype)))
         return
-    build_folder()
+    pipeline_folder()
     for config in args.configs:
         cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--worker", config, "--size", str(args.size),
                "--steps", str(args.steps)] + (["--dtype", args.dtype] if args.dtype else [])

@@ -153,6 +153,18 @@ def test_openai_route_answers_the_images_api_with_the_pipelines_images(server, p
                      "guidance_scale": 4.5, "scheduler": "DPM++ 2M", "seed": 8, "model": "tiny-512"}
 
 
+def test_openai_route_passes_the_speed_options_and_records_them(server, pipe):
+    client, _ = server
+    options = {"guidance_interval": [0.28, 5.42], "cache": "fast"}
+    r = client.post("/v1/images/generations", json=openai_body("a red circle", **options))
+    assert r.status_code == 200, r.text
+    image = decode(r.json()["data"][0]["b64_json"])
+    want = pipe("a red circle", num_inference_steps=STEPS, width=256, height=256,
+                generator=[torch.Generator().manual_seed(5)], guidance_interval=(0.28, 5.42), cache="fast").images[0]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(want))
+    assert {k: json.loads(image.text["parameters"])[k] for k in options} == options
+
+
 def test_a1111_txt2img_returns_the_pipelines_images_with_the_seeds_in_info(server, pipe):
     client, _ = server
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "a blue square", "negative_prompt": "blurry", "seed": -1,
@@ -212,6 +224,8 @@ def test_every_route_but_health_and_the_page_needs_the_key(server):
     ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": -1}, "cfg_scale", "between 0 and 100"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Euler a"}, "sampler_name", "unknown scheduler"),
     ("/api/jobs", {"prompt": "x", "width": 4096}, "width", "max_side"),
+    ("/v1/images/generations", openai_body("x", guidance_interval=[5, 1]), "guidance_interval", "sigma_lo < sigma_hi"),
+    ("/api/jobs", {"prompt": "x", "cache": "quick"}, "cache", "not a preset"),
 ])
 def test_bad_fields_answer_400_in_the_error_envelope_naming_the_field(server, path, body, param, says):
     client, gated = server

@@ -20,6 +20,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..bins import classify_height_width_bin, model_bin_table
+from ..denoise import check_guidance_interval
+from ..reuse import cache_threshold
 from ..samplers import SAMPLERS
 from .worker import SAMPLER_NAMES, ApiError, Job, Metrics, QueueFull, Settings, Worker
 
@@ -61,6 +63,8 @@ class ImagesRequest(BaseModel):
     num_inference_steps: int = 20
     guidance_scale: float = 4.5
     scheduler: str | None = None
+    guidance_interval: tuple[float, float] | None = None  # pixart.PixArtAlphaPipeline's
+    cache: float | str | None = None
 
 
 class Txt2ImgRequest(BaseModel):
@@ -90,6 +94,8 @@ class JobRequest(BaseModel):
     seed: int | None = None
     n: int = 1
     scheduler: str | None = None
+    guidance_interval: tuple[float, float] | None = None  # pixart.PixArtAlphaPipeline's
+    cache: float | str | None = None
 
 
 def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None = None, max_queue: int = 32,
@@ -134,7 +140,8 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
 
     def make_settings(*, prompt: str, negative_prompt: str, width: int | None, height: int | None, steps: int,
                       guidance_scale: float, scheduler: str | None, n: int, seed: int | None,
-                      names: dict[str, str]) -> Settings:
+                      names: dict[str, str], guidance_interval: tuple[float, float] | None = None,
+                      cache: float | str | None = None) -> Settings:
         """Check a request against the limits; `names` maps our field names to the route's."""
         def check(ok: bool, field: str, value: Any, rule: str) -> None:
             if not ok:
@@ -153,9 +160,15 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         check(0 <= guidance_scale <= 100, "guidance_scale", guidance_scale, "it must be between 0 and 100")
         seed = random.randrange(2**32) if seed is None or seed == -1 else seed
         check(0 <= seed <= 2**63 - n, "seed", seed, "use -1 or null for a random seed, else 0 to 2**63 - n")
+        for field, value, parse in (("guidance_interval", guidance_interval, check_guidance_interval),
+                                    ("cache", cache, cache_threshold)):
+            try:
+                parse(value)
+            except ValueError as e:
+                raise ApiError(400, str(e), param=field, code="invalid_value") from None
         return Settings(prompt, negative_prompt, width, height, steps, float(guidance_scale),
                         sampler(scheduler, pipeline(), names.get("scheduler", "scheduler")),
-                        tuple(seed + i for i in range(n)))
+                        tuple(seed + i for i in range(n)), guidance_interval, cache)
 
     def submit(settings: Settings) -> Job:
         job = Job(settings, asyncio.get_running_loop())
@@ -189,6 +202,7 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
             prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height,
             steps=body.num_inference_steps, guidance_scale=body.guidance_scale, scheduler=body.scheduler, n=body.n,
             seed=body.seed, names={"steps": "num_inference_steps", "width": "size", "height": "size"},
+            guidance_interval=body.guidance_interval, cache=body.cache,
         ))
         images = await result(job, request)
         return {"created": int(time.time()), "data": [{"b64_json": b, "revised_prompt": body.prompt} for b in images]}
@@ -252,7 +266,7 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         job = submit(make_settings(
             prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width, height=body.height,
             steps=body.steps, guidance_scale=body.guidance_scale, scheduler=body.scheduler, n=body.n, seed=body.seed,
-            names={},
+            names={}, guidance_interval=body.guidance_interval, cache=body.cache,
         ))
         jobs[job.id] = job
         return {"job_id": job.id, "seeds": list(job.settings.seeds)}

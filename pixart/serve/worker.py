@@ -49,10 +49,13 @@ class Settings:
     guidance_scale: float
     scheduler: str  # a key of pixart.samplers.SAMPLERS
     seeds: tuple[int, ...]
+    guidance_interval: tuple[float, float] | None = None  # the pipeline's opt-in speed settings
+    cache: float | str | None = None
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys run as one pipeline call; prompts and negative prompts may differ per image."""
-        return self.width, self.height, self.steps, self.guidance_scale, self.scheduler
+        return (self.width, self.height, self.steps, self.guidance_scale, self.scheduler, self.guidance_interval,
+                self.cache)
 
 
 class Job:
@@ -305,7 +308,7 @@ class Worker:
                 negative_prompt=[job.settings.negative_prompt for job, _ in per_image],
                 num_inference_steps=first.steps, guidance_scale=first.guidance_scale, height=first.height,
                 width=first.width, generator=[torch.Generator().manual_seed(seed) for _, seed in per_image],
-                callback_on_step_end=on_step,
+                callback_on_step_end=on_step, guidance_interval=first.guidance_interval, cache=first.cache,
             ).images
         except _Stopped:
             if self._closed:
@@ -336,5 +339,5 @@ class Worker:
 
     def describe(self, settings: Settings) -> dict[str, Any]:
         """A job's settings as the API shows them (and the PNG chunk stores them, with the image's seed)."""
-        out = {k: v for k, v in asdict(settings).items() if k != "seeds"}
+        out = {k: v for k, v in asdict(settings).items() if k != "seeds" and v is not None}
         return {**out, "scheduler": SAMPLER_NAMES.get(settings.scheduler, settings.scheduler), "model": self.model_name}

@@ -1,0 +1,261 @@
+"""Seconds per part and per image, pixart against diffusers in the same run, one JSON line per configuration.
+
+Real-size random weights (bench/folders.py; the same files for both engines), each measurement in a fresh process,
+a warm-up call excluded, the median of --repeats. Parts: "text" (T5-XXL encoding a prompt and the empty negative
+prompt), "step" and "decode" (one batch-2 transformer call and one VAE decode, by bench/core.py), and "image": a
+whole generation of --steps from T5 embeddings (add the text row for the end-to-end time), once per option:
+default, guidance interval, step caching at three settings, and the transformer quantizations `from_pretrained`
+offers. Image rows give the PSNR to pixart's default image (the default row: to diffusers' image) and, with
+caching, how many steps ran the blocks. Options are pixart's alone: their speedup is against diffusers' default.
+`--model demo` measures the options on the demo model instead: all 54 captions once, with the demo classifier's
+score (random weights say nothing about image quality).
+
+    python bench/speed.py                                              # 512² and 1024², 20 steps: hours on a CPU
+    python bench/speed.py --sizes 256 --steps 4 --parts image          # minutes
+    python bench/speed.py --sizes 512 --parts step decode
+    python bench/speed.py --device cuda --sizes 1024 --compile         # diffusers fp16 in the same run
+    python bench/speed.py --model demo --steps 14
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import pixart
+from core import DTYPES, timed
+from folders import pipeline_folder
+from pixart.demo import MODEL as DEMO_MODEL
+from pixart.demo.shapes import SIZE as DEMO_SIZE
+from pixart.demo.shapes import generate_all, score
+from pixart.hardware import default_dtype, set_threads
+
+INTERVAL = (0.28, 5.42)  # Kynkäänniemi et al.'s SD-XL guidance interval, on σ
+# option -> (from_pretrained keywords, __call__ keywords)
+OPTIONS = {
+    "default": ({}, {}),
+    "guidance-interval": ({}, {"guidance_interval": INTERVAL}),
+    "cache-fast": ({}, {"cache": "fast"}),
+    "cache-faster": ({}, {"cache": "faster"}),
+    "cache-fastest": ({}, {"cache": "fastest"}),
+}
+
+
+def quantization_options(device: str) -> dict[str, tuple[dict, dict]]:
+    """int8 (and fp8 on CUDA) rows, alone and with the guidance interval and caching, where from_pretrained has them."""
+    if "transformer_quantization" not in inspect.signature(pixart.PixArtAlphaPipeline.from_pretrained).parameters:
+        return {}
+    from pixart.quant import DYNAMIC_QUANTIZATIONS
+
+    names = [q for q in ("int8", "fp8") if q in DYNAMIC_QUANTIZATIONS and (q == "int8" or device.startswith("cuda"))]
+    rows = {}
+    for q in names:
+        rows[q] = ({"transformer_quantization": q}, {})
+        rows[f"{q}+interval+cache-fast"] = ({"transformer_quantization": q}, {"guidance_interval": INTERVAL,
+                                                                            "cache": "fast"})
+    return rows
+
+
+def load(engine: str, folder: Path, dtype: torch.dtype, device: str, load_kwargs: dict, part: str, demo: bool):
+    """The pipeline of `engine` on `device` with the models `part` needs (the demo model: all of them)."""
+    skip = {} if demo else {"transformer": None, "vae": None} if part == "text" else {"text_encoder": None,
+                                                                                      "tokenizer": None}
+    if engine == "pixart":
+        pipe = pixart.PixArtAlphaPipeline.from_pretrained(folder, torch_dtype=dtype, device=device, memory="full",
+                                                          **skip, **load_kwargs)
+    else:
+        from diffusers import PixArtAlphaPipeline
+
+        pipe = PixArtAlphaPipeline.from_pretrained(folder, torch_dtype=dtype, **skip).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def embeddings(device: str, dtype: torch.dtype) -> dict:
+    """Random T5-XXL-shaped embeddings of a 20-token prompt and of the empty negative prompt (1 token)."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for prefix, tokens in (("", 20), ("negative_", 1)):
+        mask = torch.zeros(1, 120, dtype=torch.long)
+        mask[:, :tokens] = 1
+        out[f"{prefix}prompt_embeds"] = (torch.randn(1, 120, 4096, generator=g) * 0.2).to(device, dtype)
+        out[f"{prefix}prompt_attention_mask"] = mask.to(device)
+    return out
+
+
+def worker(spec: dict) -> dict:
+    """One engine and option in this fresh process: time it, save its images to spec["out"] (.npy)."""
+    set_threads(spec["threads"])
+    device, dtype = spec["device"], DTYPES[spec["dtype"]]
+    load_kwargs, call_kwargs = OPTIONS.get(spec["option"]) or quantization_options(device)[spec["option"]]
+    demo = spec["folder"] == str(DEMO_MODEL)
+    if spec["engine"] != "pixart":
+        call_kwargs = {}
+    start = time.perf_counter()
+    pipe = load(spec["engine"], Path(spec["folder"]), dtype, device, load_kwargs, spec["part"], demo)
+    result = {"load_s": time.perf_counter() - start}
+    if spec["compile"] and spec["engine"] == "pixart":
+        pipe.compile()
+    evaluations = []
+    if spec["engine"] == "pixart" and spec["part"] == "image":
+        blocks = pipe.transformer.run_blocks
+        pipe.transformer.run_blocks = lambda *a: (evaluations.append(1), blocks(*a))[1]  # counts full evaluations
+
+    with torch.inference_mode():
+        if spec["part"] == "text":
+            times, out = timed(lambda warm: pipe.encode_prompt("A small cactus with a happy face in the Sahara "
+                                                                 "desert.", device=device)[0], spec["repeats"], device)
+            images = out.float().cpu().numpy()
+        elif demo:
+            def call(warm):
+                evaluations.clear()  # this run's count only
+                return generate_all(pipe, seeds=(0,), num_inference_steps=1 if warm else spec["steps"],
+                                    output_type="np", **call_kwargs)
+
+            times, (images, labels) = timed(call, spec["repeats"], device)
+            result["score"] = score(list(images), labels)
+        else:
+            size, embeds = spec["size"], embeddings(device, dtype)
+
+            def call(warm):
+                evaluations.clear()  # this run's count only
+                return pipe(negative_prompt=None, num_inference_steps=2 if warm else spec["steps"], height=size,
+                            width=size, output_type="np", generator=torch.Generator().manual_seed(0), **embeds,
+                            **call_kwargs).images
+
+            times, images = timed(call, spec["repeats"], device)
+    np.save(spec["out"], np.asarray(images, dtype=np.float32))
+    result.update(**times, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    if evaluations:
+        result["block_evaluations"] = len(evaluations)
+    if device.startswith("cuda"):
+        result["peak_vram_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def run(spec: dict) -> dict:
+    """`worker(spec)` in a fresh process; its result, or the error it ended with."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        return {"error": lines[-1][:300] if lines else f"exit code {proc.returncode}"}
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """dB between images in [0, 1]; None (JSON null) for identical images."""
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return round(10 * np.log10(1 / mse), 2) if mse > 0 else None
+
+
+def part_rows(args: argparse.Namespace, size: int, part: str) -> dict:
+    """step / decode: bench/core.py's workers, pixart in --dtype and diffusers in the baseline dtype."""
+    row = {}
+    for engine, dtype in (("diffusers", args.baseline_dtype), ("pixart", args.dtype)):
+        cmd = [sys.executable, str(Path(__file__).with_name("core.py")), "--worker", engine, part, str(size), "--dtype",
+               dtype, "--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+        out = json.loads(proc.stdout.splitlines()[-1])
+        row.update({f"{engine}_{k}": round(v, 3) for k, v in out.items()})
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], choices=[256, 512, 1024])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--parts", nargs="+", default=["text", "step", "decode", "image"],
+                        choices=["text", "step", "decode", "image"])
+    parser.add_argument("--options", nargs="+", default=None, help="image rows to run (default: all available)")
+    parser.add_argument("--model", choices=["random", "demo"], default="random")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="pixart's dtype (default: bf16 where the device runs it natively, else fp32)")
+    parser.add_argument("--baseline-dtype", choices=list(DTYPES), default=None,
+                        help="diffusers' dtype (default: fp16 on CUDA, as its documentation runs it; else --dtype)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--compile", action="store_true", help="pipe.compile() the pixart rows (warm-up compiles)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    names = {v: k for k, v in DTYPES.items()}
+    args.dtype = args.dtype or names[default_dtype(args.device)]
+    args.baseline_dtype = args.baseline_dtype or ("fp16" if args.device.startswith("cuda") else args.dtype)
+    available = {**OPTIONS, **quantization_options(args.device)}
+    options = args.options or list(available)
+    unknown = [o for o in options if o not in available]
+    if unknown:
+        parser.error(f"unknown or unavailable options {unknown}: choose from {', '.join(available)}")
+    if args.model == "demo":
+        if not (DEMO_MODEL / "model_index.json").is_file():
+            parser.error(f"the demo model is not built ({DEMO_MODEL}): python scripts/build_demo.py")
+        args.sizes, args.parts = [DEMO_SIZE], ["image"]
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
+    common = {"machine": machine, "device": args.device, "dtype": args.dtype, "baseline_dtype": args.baseline_dtype,
+              "threads": args.threads, "model": args.model}
+    tmp = Path(tempfile.mkdtemp(prefix="pixart-speed-"))
+    for size in args.sizes:
+        folder = DEMO_MODEL if args.model == "demo" else pipeline_folder(size)
+        for part in args.parts:
+            row = {"part": part, "size": f"{size}x{size}", **common}
+            if part in ("step", "decode"):
+                row.update(part_rows(args, size, part))
+                row.update(speedups(row.get("diffusers_seconds"), row.get("pixart_seconds"),
+                                    row.get("diffusers_cpu_seconds"), row.get("pixart_cpu_seconds")))
+                print(json.dumps(row), flush=True)
+                continue
+            spec = {"part": part, "size": size, "steps": args.steps, "folder": str(folder), "device": args.device,
+                    "repeats": args.repeats, "threads": args.threads, "compile": args.compile}
+            base = run({**spec, "engine": "diffusers", "option": "default", "dtype": args.baseline_dtype,
+                        "out": str(tmp / "diffusers.npy")})
+            for option in options if part == "image" else ["default"]:
+                out = run({**spec, "engine": "pixart", "option": option, "dtype": args.dtype,
+                           "out": str(tmp / f"{option}.npy")})
+                line = {**row, "option": option, "steps": args.steps if part == "image" else None,
+                        **{f"pixart_{k}": _round(v) for k, v in out.items()},
+                        **{f"diffusers_{k}": _round(v) for k, v in base.items() if k != "block_evaluations"}}
+                if "seconds" in out and "seconds" in base:
+                    line.update(speedups(base["seconds"], out["seconds"], base["cpu_seconds"], out["cpu_seconds"]))
+                    reference = "diffusers" if option == "default" else "default"
+                    if (tmp / f"{reference}.npy").is_file() and part == "image":
+                        line[f"psnr_db_vs_{reference}"] = psnr(np.load(tmp / f"{option}.npy"),
+                                                               np.load(tmp / f"{reference}.npy"))
+                print(json.dumps(line), flush=True)
+
+
+def speedups(base: float | None, ours: float | None, base_cpu: float | None, ours_cpu: float | None) -> dict:
+    """diffusers ÷ pixart in wall seconds and in CPU seconds (steadier when other processes share the cores)."""
+    if base is None or ours is None:
+        return {}
+    return {"speedup": round(base / ours, 3), "cpu_speedup": round(base_cpu / ours_cpu, 3)}
+
+
+def _round(value):
+    return round(value, 3) if isinstance(value, float) else value
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
