@@ -98,9 +98,13 @@ def worker(engine: str, part: str, size: int, dtype_name: str, repeats: int, thr
 
 def timed(call, repeats: int, device: str) -> tuple[dict[str, float], object]:
     """Medians of `repeats` calls after a warm-up: wall seconds, and this process's CPU seconds (all its threads,
-    which other processes on a busy machine do not inflate); and the last call's result. call(warm_up: bool)."""
+    which other processes on a busy machine do not inflate); the warm-up's seconds (compiling, if any); and the last
+    call's result. call(warm_up: bool)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    start = time.perf_counter()
     out = call(True)
+    sync()
+    warm_up = time.perf_counter() - start
     wall, cpu = [], []
     for _ in range(repeats):
         sync()
@@ -109,7 +113,7 @@ def timed(call, repeats: int, device: str) -> tuple[dict[str, float], object]:
         sync()
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    return {"seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu)}, out
+    return {"seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu), "warmup_seconds": warm_up}, out
 
 
 def main() -> None:

@@ -4,11 +4,12 @@ Real-size random weights (bench/folders.py; the same files for both engines), ea
 a warm-up call excluded, the median of --repeats. Parts: "text" (T5-XXL encoding a prompt and the empty negative
 prompt), "step" and "decode" (one batch-2 transformer call and one VAE decode, by bench/core.py), and "image": a
 whole generation of --steps from T5 embeddings (add the text row for the end-to-end time), once per option:
-default, guidance interval, step caching at three settings, and the transformer quantizations `from_pretrained`
-offers. Image rows give the PSNR to pixart's default image (the default row: to diffusers' image) and, with
-caching, how many steps ran the blocks. Options are pixart's alone: their speedup is against diffusers' default.
+default, guidance interval, step caching at three settings, int8 (and fp8 on CUDA) transformers alone and with
+both. Image rows give the PSNR to pixart's default image (the default row: to diffusers' image) and, with caching,
+how many steps ran the blocks. Options are pixart's alone: their speedup is against diffusers' default.
 `--model demo` measures the options on the demo model instead: all 54 captions once, with the demo classifier's
-score (random weights say nothing about image quality).
+score (random weights say nothing about image quality); `--model FOLDER` any pipeline folder (the step and decode
+rows always time the random real-size models).
 
     python bench/speed.py                                              # 512² and 1024², 20 steps: hours on a CPU
     python bench/speed.py --sizes 256 --steps 4 --parts image          # minutes
@@ -19,7 +20,6 @@ score (random weights say nothing about image quality).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -39,6 +39,7 @@ from pixart.demo import MODEL as DEMO_MODEL
 from pixart.demo.shapes import SIZE as DEMO_SIZE
 from pixart.demo.shapes import generate_all, score
 from pixart.hardware import default_dtype, set_threads
+from pixart.quant_dynamic import DYNAMIC_QUANTIZATIONS
 
 INTERVAL = (0.28, 5.42)  # Kynkäänniemi et al.'s SD-XL guidance interval, on σ
 # option -> (from_pretrained keywords, __call__ keywords)
@@ -52,17 +53,13 @@ OPTIONS = {
 
 
 def quantization_options(device: str) -> dict[str, tuple[dict, dict]]:
-    """int8 (and fp8 on CUDA) rows, alone and with the guidance interval and caching, where from_pretrained has them."""
-    if "transformer_quantization" not in inspect.signature(pixart.PixArtAlphaPipeline.from_pretrained).parameters:
-        return {}
-    from pixart.quant import DYNAMIC_QUANTIZATIONS
-
-    names = [q for q in ("int8", "fp8") if q in DYNAMIC_QUANTIZATIONS and (q == "int8" or device.startswith("cuda"))]
+    """int8 (and fp8 on CUDA) transformers, alone and with the guidance interval and caching."""
     rows = {}
-    for q in names:
-        rows[q] = ({"transformer_quantization": q}, {})
-        rows[f"{q}+interval+cache-fast"] = ({"transformer_quantization": q}, {"guidance_interval": INTERVAL,
-                                                                            "cache": "fast"})
+    for q in DYNAMIC_QUANTIZATIONS:
+        if q == "int8" or device.startswith("cuda"):
+            rows[q] = ({"transformer_quantization": q}, {})
+            rows[f"{q}+interval+cache-fast"] = ({"transformer_quantization": q},
+                                                {"guidance_interval": INTERVAL, "cache": "fast"})
     return rows
 
 
@@ -81,14 +78,15 @@ def load(engine: str, folder: Path, dtype: torch.dtype, device: str, load_kwargs
     return pipe
 
 
-def embeddings(device: str, dtype: torch.dtype) -> dict:
-    """Random T5-XXL-shaped embeddings of a 20-token prompt and of the empty negative prompt (1 token)."""
+def embeddings(folder: Path, device: str, dtype: torch.dtype) -> dict:
+    """Random T5 embeddings of a 20-token prompt and of the empty negative prompt (1 token), the width the model reads."""
+    width = json.loads((folder / "transformer" / "config.json").read_text())["caption_channels"]
     g = torch.Generator().manual_seed(0)
     out = {}
     for prefix, tokens in (("", 20), ("negative_", 1)):
         mask = torch.zeros(1, 120, dtype=torch.long)
         mask[:, :tokens] = 1
-        out[f"{prefix}prompt_embeds"] = (torch.randn(1, 120, 4096, generator=g) * 0.2).to(device, dtype)
+        out[f"{prefix}prompt_embeds"] = (torch.randn(1, 120, width, generator=g) * 0.2).to(device, dtype)
         out[f"{prefix}prompt_attention_mask"] = mask.to(device)
     return out
 
@@ -119,14 +117,15 @@ def worker(spec: dict) -> dict:
         elif demo:
             def call(warm):
                 evaluations.clear()  # this run's count only
-                return generate_all(pipe, seeds=(0,), num_inference_steps=1 if warm else spec["steps"],
+                return generate_all(pipe, seeds=(0,), num_inference_steps=2 if warm else spec["steps"],
                                     output_type="np", **call_kwargs)
 
             times, (images, labels) = timed(call, spec["repeats"], device)
             result["score"] = score(list(images), labels)
         else:
-            size, embeds = spec["size"], embeddings(device, dtype)
+            size, embeds = spec["size"], embeddings(Path(spec["folder"]), device, dtype)
 
+            # the warm-up takes 2 steps: diffusers fails with 1, and with the guidance interval both batch sizes run
             def call(warm):
                 evaluations.clear()  # this run's count only
                 return pipe(negative_prompt=None, num_inference_steps=2 if warm else spec["steps"], height=size,
@@ -180,7 +179,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["text", "step", "decode", "image"],
                         choices=["text", "step", "decode", "image"])
     parser.add_argument("--options", nargs="+", default=None, help="image rows to run (default: all available)")
-    parser.add_argument("--model", choices=["random", "demo"], default="random")
+    parser.add_argument("--model", default="random", help="random (real-size random weights, the default), demo (the "
+                        "demo model: image quality), or a diffusers pipeline folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="pixart's dtype (default: bf16 where the device runs it natively, else fp32)")
@@ -211,7 +211,7 @@ def main() -> None:
               "threads": args.threads, "model": args.model}
     tmp = Path(tempfile.mkdtemp(prefix="pixart-speed-"))
     for size in args.sizes:
-        folder = DEMO_MODEL if args.model == "demo" else pipeline_folder(size)
+        folder = {"demo": DEMO_MODEL, "random": None}.get(args.model, Path(args.model)) or pipeline_folder(size)
         for part in args.parts:
             row = {"part": part, "size": f"{size}x{size}", **common}
             if part in ("step", "decode"):
