@@ -79,7 +79,7 @@ def load(engine: str, folder: Path, dtype: torch.dtype, device: str, load_kwargs
 
 
 def embeddings(folder: Path, device: str, dtype: torch.dtype) -> dict:
-    """Random T5 embeddings of a 20-token prompt and of the empty negative prompt (1 token), the width the model reads."""
+    """Random T5 embeddings of a 20-token prompt and the empty negative prompt (1 token), as wide as the model reads."""
     width = json.loads((folder / "transformer" / "config.json").read_text())["caption_channels"]
     g = torch.Generator().manual_seed(0)
     out = {}
