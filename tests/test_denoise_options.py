@@ -1,13 +1,19 @@
-"""cache=...: TeaCache-style reuse of the block stack across steps; off by default and then bit-equal."""
+"""The opt-in denoising options: guidance_interval=(σ_lo, σ_hi) (guidance only inside the noise-level window, the
+batch halved outside it) and cache=... (TeaCache-style reuse of the block stack across steps); off, both are bit-equal
+to the default."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import pixart
+from pixart.configs import SchedulerConfig
+from pixart.denoise import guidance_window
 from pixart.reuse import PRESETS, cache_threshold
+from pixart.samplers import make_timesteps, noise_levels
 
 PROMPT = "a red circle on a white background"
+# 128x128 without binning: 64 tokens, so 20 steps of the tiny model take a fraction of a second
 SMALL = dict(height=128, width=128, use_resolution_binning=False, output_type="latent")
 
 
@@ -20,6 +26,54 @@ def pipe(pipeline_dir_512):
 
 def latents(pipe, steps=20, **kwargs):
     return pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **SMALL, **kwargs).images
+
+
+def batch_sizes(pipe, **kwargs) -> list[int]:
+    """The batch of every transformer call during one generation."""
+    sizes = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    try:
+        latents(pipe, **kwargs)
+    finally:
+        hook.remove()
+    return sizes
+
+
+def test_window_covering_every_step_equals_plain_guidance_bit_for_bit(pipe):
+    assert torch.equal(latents(pipe, steps=4, guidance_interval=(0, 1e9)), latents(pipe, steps=4))
+
+
+def test_window_excluding_every_step_equals_guidance_one(pipe):
+    assert torch.equal(latents(pipe, steps=4, guidance_interval=(1e8, 1e9)),
+                       latents(pipe, steps=4, guidance_scale=1.0))
+
+
+def test_outside_the_window_the_transformer_runs_on_the_conditional_half_only(pipe):
+    # PixArt's 20 default steps have σ 157, 96, ... 6.1 (9 steps), 4.5 ... 0.34 (10 steps), 0.18: the paper's
+    # SD-XL window (0.28, 5.42] guides the middle 10
+    sizes = batch_sizes(pipe, steps=20, num_images_per_prompt=2, guidance_interval=(0.28, 5.42))
+    assert sizes == [2] * 9 + [4] * 10 + [2]
+    assert batch_sizes(pipe, steps=20, num_images_per_prompt=2) == [4] * 20
+
+
+def test_window_is_half_open_on_sigma():
+    config = SchedulerConfig()
+    t = make_timesteps(config, 20)[9]  # t = 549
+    sigma = float(noise_levels(config, t.reshape(1))[0])
+    assert round(sigma, 3) == 4.541
+    assert guidance_window(config, (1.0, sigma))(t) and not guidance_window(config, (sigma, 10.0))(t)
+
+
+@pytest.mark.parametrize("interval, message", [
+    ((5.0, 1.0), "0 <= sigma_lo < sigma_hi"),
+    ((-1.0, 1.0), "0 <= sigma_lo < sigma_hi"),
+    ((1.0,), "a pair"),
+    ("0.3,5", "a pair"),
+    ((0.3, "high"), "must be numbers"),
+])
+def test_bad_interval_is_a_clear_error(pipe, interval, message):
+    with pytest.raises(ValueError, match=message):
+        latents(pipe, steps=1, guidance_interval=interval)
 
 
 def run_counting(pipe, **kwargs) -> tuple[torch.Tensor, list[bool]]:
@@ -65,7 +119,7 @@ def test_first_and_last_steps_always_run_in_full(pipe):
 
 
 def test_a_batch_size_change_from_the_guidance_interval_recomputes(pipe):
-    # 20 steps with the window (0.28, 5.42]: batch 1 for 9 steps, 2 for 10, then 1 (tests/test_guidance_interval.py)
+    # 20 steps with the window (0.28, 5.42]: batch 1 for 9 steps, 2 for 10, then 1 (see above)
     _, ran = run_counting(pipe, cache=1e9, guidance_interval=(0.28, 5.42))
     assert [i for i, r in enumerate(ran) if r] == [0, 9, 19]
 
