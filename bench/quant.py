@@ -1,12 +1,13 @@
 """Dynamic int8 / fp8 transformer against float, and torch.compile, at PixArt-XL-2's real size (random weights).
 
-One JSON line per configuration, medians after a warm-up call:
+One JSON line per configuration, medians after a warm-up call; the models being compared take turns, call by call,
+so that the load of a shared machine falls on each alike:
 - `linear`: one 2048×1152 → 4608 layer (a 512² CFG step's MLP up-projection) per kernel: float, oneDNN int8,
   `torch._int_mm`, fbgemm's dynamic linear (CPU), `_scaled_mm` fp8 (CUDA from sm_89), with TOP/s;
 - `step`: one transformer call (batch 2 = one classifier-free-guidance step) per size, float vs each quantization:
   seconds, speedup, and the output's cosine similarity to the float model's (random weights: the real model's
   activations differ, so quote it as such);
-- `compile`: compile time (the first call) and speedup of the compiled call over eager.
+- `compile`: per model, compile time (its first compiled call) and the speedup of the compiled calls over eager.
 No network: the model is built in memory. A configuration that fails prints its error and the run goes on.
 
     python bench/quant.py                                   # CPU: 512² steps, 256² compile (≈8 min on 2 cores)
@@ -15,6 +16,7 @@ No network: the model is built in memory. A configuration that fails prints its 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -53,8 +55,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, float, Any]:
-    """(first call's seconds, median of `repeats` further calls, the last output)."""
+def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, float | None, Any]:
+    """(first call's seconds, median of `repeats` further calls (None for none), the last output)."""
     times = []
     for _ in range(repeats + 1):
         sync(device)
@@ -62,7 +64,33 @@ def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[fl
         out = fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[1:]), out
+    return times[0], statistics.median(times[1:]) if repeats else None, out
+
+
+def take_turns(models: dict[str, Callable[[], Any]], rounds: int,
+               device: torch.device) -> dict[str, tuple[list[float], Any] | Exception]:
+    """Call the models in turn, `rounds` times, so that a shared machine's load falls on all alike.
+
+    label -> (the seconds of each call, the last output), or the error its first failing call raised."""
+    out: dict[str, Any] = {label: ([], None) for label in models}
+    for _ in range(rounds):
+        for label, fn in models.items():
+            if isinstance(out[label], Exception):
+                continue
+            try:
+                seconds, _, result = timed(fn, 0, device)
+            except Exception as e:  # reported in its row
+                out[label] = e
+                continue
+            out[label] = (out[label][0] + [seconds], result)
+    return out
+
+
+def result(turn: tuple[list[float], Any] | Exception) -> tuple[list[float], Any]:
+    """A take_turns entry, or its error raised."""
+    if isinstance(turn, Exception):
+        raise turn
+    return turn
 
 
 def emit(row: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -196,40 +224,43 @@ def main() -> None:
 
         emit({"bench": "load", "config": name, **info}, load)
     del state
+    float_label = f"float {str(dtype).split('.')[1]}"
     for size in args.sizes:
         inputs = model_inputs(size, device, dtype)
-        base: dict[str, Any] = {}
-
-        def float_step():
-            _, base["seconds"], base["out"] = timed(lambda: model(*inputs), args.repeats, device)
-            return {"seconds": round(base["seconds"], 3), "weights_gb": model_bytes(model)}
-
-        emit({"bench": "step", "size": size, "config": f"float {str(dtype).split('.')[1]}", **info}, float_step)
-        for name in names:
-            def step(name=name):
-                _, seconds, out = timed(lambda: models[name](*inputs), args.repeats, device)
-                row = {"seconds": round(seconds, 3), "weights_gb": model_bytes(models[name])}
-                if "out" in base:
-                    row.update(speedup=round(base["seconds"] / seconds, 3), cosine=round(cosine(out, base["out"]), 7))
+        turns = take_turns({label: functools.partial(m, *inputs) for label, m in models.items()}, args.repeats + 1,
+                           device)
+        for label, m in models.items():
+            def step(label=label, m=m):
+                times, out = result(turns[label])
+                row = {"seconds": round(statistics.median(times[1:]), 3), "weights_gb": model_bytes(m)}
+                if label != "float":
+                    float_times, float_out = result(turns["float"])
+                    row.update(speedup=round(statistics.median(float_times[1:]) / row["seconds"], 3),
+                               cosine=round(cosine(out, float_out), 7))
                 return row
 
-            if name in models:
-                emit({"bench": "step", "size": size, "config": name, **info}, step)
+            emit({"bench": "step", "size": size, "config": label if label != "float" else float_label, **info}, step)
 
-    for label, m in models.items():
-        for size in args.compile_sizes:
-            inputs = model_inputs(size, device, dtype)
-
-            def compiled(m=m):
-                _, eager_s, eager = timed(lambda: m(*inputs), args.repeats, device)
-                if "forward" not in vars(m):
-                    compile_model(m, device, args.compile_mode)
-                first, seconds, out = timed(lambda: m(*inputs), args.repeats, device)
-                return {"compile_s": round(first - seconds, 1), "eager_s": round(eager_s, 3),
+    for size in args.compile_sizes:
+        inputs = model_inputs(size, device, dtype)
+        calls = {label: functools.partial(m, *inputs) for label, m in models.items()}
+        eager = take_turns(calls, args.repeats + 1, device)
+        first: dict[str, Any] = {}
+        for label, m in models.items():
+            if "forward" not in vars(m):
+                compile_model(m, device, args.compile_mode)
+            first[label] = take_turns({label: calls[label]}, 1, device)[label]  # compiles
+        compiled = take_turns(calls, args.repeats, device)
+        for label in models:
+            def row(label=label):
+                (eager_times, eager_out), (times, out) = result(eager[label]), result(compiled[label])
+                eager_s, seconds = statistics.median(eager_times[1:]), statistics.median(times)
+                return {"compile_s": round(result(first[label])[0][0] - seconds, 1), "eager_s": round(eager_s, 3),
                         "compiled_s": round(seconds, 3), "speedup": round(eager_s / seconds, 3),
-                        "cosine_to_eager": round(cosine(out, eager), 7)}
+                        "cosine_to_eager": round(cosine(out, eager_out), 7)}
 
-            emit({"bench": "compile", "size": size, "config": label, "mode": args.compile_mode, **info}, compiled)
+            emit({"bench": "compile", "size": size, "config": label if label != "float" else float_label,
+                  "mode": args.compile_mode, **info}, row)
     peak = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     if device.type == "cuda":
         peak["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
