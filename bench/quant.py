@@ -55,16 +55,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, float | None, Any]:
-    """(first call's seconds, median of `repeats` further calls (None for none), the last output)."""
-    times = []
-    for _ in range(repeats + 1):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[1:]) if repeats else None, out
+def once(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(seconds, output) of one call."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
 
 
 def take_turns(models: dict[str, Callable[[], Any]], rounds: int,
@@ -78,11 +75,11 @@ def take_turns(models: dict[str, Callable[[], Any]], rounds: int,
             if isinstance(out[label], Exception):
                 continue
             try:
-                seconds, _, result = timed(fn, 0, device)
+                seconds, output = once(fn, device)
             except Exception as e:  # reported in its row
                 out[label] = e
                 continue
-            out[label] = (out[label][0] + [seconds], result)
+            out[label] = (out[label][0] + [seconds], output)
     return out
 
 
@@ -143,13 +140,17 @@ def bench_linear(device: torch.device, dtype: torch.dtype, repeats: int, info: d
     x = torch.randn(M, K, device=device).to(dtype)
     kernels = linear_kernels(device, dtype)
     reference = next(iter(kernels.values()))(x)
-    for name, fn in kernels.items():
-        # without VNNI `_int_mm` has no fast CPU kernel, and without AVX512-BF16 bf16 is emulated: seconds per call
-        slow = device.type == "cpu" and (("_int_mm" in name and dynamic_kernel("int8", device) != "int_mm")
-                                         or (dtype == torch.bfloat16 and "float" in name))
-
-        def run(fn=fn, slow=slow):
-            _, seconds, out = timed(lambda: fn(x), 1 if slow else repeats, device)
+    # without VNNI `_int_mm` has no fast CPU kernel, and without AVX512-BF16 bf16 is emulated: seconds per call,
+    # so those are timed apart, twice
+    no_int8_dot = dynamic_kernel("int8", device) != "int_mm"
+    slow = {name for name in kernels if device.type == "cpu" and (
+        ("_int_mm" in name and no_int8_dot) or (dtype == torch.bfloat16 and "float" in name))}
+    turns = take_turns({n: functools.partial(fn, x) for n, fn in kernels.items() if n not in slow}, repeats + 1, device)
+    turns.update(take_turns({n: functools.partial(kernels[n], x) for n in slow}, 2, device))
+    for name in kernels:
+        def run(name=name):
+            times, out = result(turns[name])
+            seconds = statistics.median(times[1:])
             return {"ms": round(seconds * 1e3, 2), "tops": round(2 * M * K * N / seconds / 1e12, 4),
                     "cosine": round(cosine(out, reference), 7)}
 
@@ -217,7 +218,7 @@ def main() -> None:
     model, state = build(config, device, dtype)
     models = {"float": model}
     for name in names:
-        def load(name=name):
+        def load(name=name, state=state):
             start = time.perf_counter()
             models[name] = quantized(config, state, name, device, dtype)
             return {"load_s": round(time.perf_counter() - start, 2), "weight_max": weight_max(name, device)}
