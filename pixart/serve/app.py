@@ -441,3 +441,6 @@ def serve(args: argparse.Namespace) -> None:
     server.run()
     if app.state.worker.load_error is not None:
         raise app.state.worker.load_error
+    # run() returns only once a signal stopped it: exit as interrupted (130) ourselves rather than rely on uvicorn
+    # re-raising the signal (under a loaded machine it once returned normally, exit 0)
+    raise KeyboardInterrupt
