@@ -37,9 +37,10 @@ def dynamic_kernel(format: str, device: torch.device) -> str:
     """The kernel a dynamic layer uses on `device`: the fastest measured (bench/quant.py), else "reference".
 
     x86 CPUs with VNNI/AMX: `torch._int_mm` (1.45× bf16 on a Zen 4, issue 6). AVX2 only: oneDNN's qlinear, the op
-    inductor's own x86 quantization lowers to (its GEMM 1.8-3.3× fp32 F.linear on a 2-core EPYC); `_int_mm` has no
-    AVX2 kernel (50× slower than fp32), and fbgemm's dynamic linear is deprecated and quantizes activations per
-    tensor to 7 bits. CUDA: `_int_mm` (int8 tensor cores); fp8 `_scaled_mm` from compute capability 8.9."""
+    inductor's own x86 quantization lowers to (2048×1152→4608 on a 2-core EPYC, activation quantization included:
+    0.18 TOP/s against 0.105 TFLOP/s for fp32 F.linear); `_int_mm` has no AVX2 kernel there (0.004), and fbgemm's
+    dynamic linear (0.165) is deprecated and quantizes activations per tensor to 7 bits. CUDA: `_int_mm` (int8
+    tensor cores); fp8 `_scaled_mm` from compute capability 8.9."""
     if device.type == "cuda":
         if format == "int8":
             return "int_mm"
