@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import pixart.models.t5 as t5_module
 import pixart.weights.loading as loading_module
 from pixart.models.t5 import T5EncoderModel
 from pixart.quant import Int4Linear, Int8Linear, QuantSpec, quant_spec
@@ -146,9 +145,8 @@ def test_quantize_while_loading_holds_one_float_linear_weight_at_a_time(float_di
 
         return {k: watched(k, v) if k.rsplit(".", 2)[-2] in LINEARS else v for k, v in tensors.items()}
 
-    original = t5_module.lazy_tensors
-    monkeypatch.setattr(t5_module, "lazy_tensors", counting)
-    monkeypatch.setattr(loading_module, "lazy_tensors", counting)  # the float load's path
+    original = loading_module.lazy_tensors
+    monkeypatch.setattr(loading_module, "lazy_tensors", counting)  # every load reads its files there
     T5EncoderModel.from_pretrained(float_dir, quantization="int8")
     assert peak[0] == 1
     assert sorted(reads) == sorted(set(reads)) and len(reads) == 2 * len(LINEARS)  # each read and quantized once

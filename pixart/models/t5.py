@@ -13,7 +13,7 @@ from torch import nn
 
 from ..configs import T5Config
 from ..quant import QuantSpec, check_stored, quant_spec, quantize_lazily, quantize_linears, read_spec, write_spec
-from ..weights.files import Lazy, WeightsError, lazy_tensors, weight_files
+from ..weights.files import Lazy, WeightsError
 from ..weights.hub import resolve
 from ..weights.loading import PretrainedModel, load_into
 
@@ -177,8 +177,7 @@ class T5EncoderModel(PretrainedModel):
             raise WeightsError(f"{folder} holds a T5 encoder quantized to {saved.name}, which cannot be requantized "
                                f"to {wanted.name}: quantize the float encoder instead")
         spec = saved or wanted
-        config = cls.config_class.from_json(folder / "config.json").replace(**config_overrides)
-        tensors = cls.map_keys(lazy_tensors(weight_files(folder, variant)))
+        folder, config, tensors = cls.read_folder(folder, variant, config_overrides)
         with torch.device("meta"):
             model = cls(config)
             layers = quantize_linears(model, spec)

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from ..configs import PRESETS, TransformerConfig
 from ..quant import quantize_lazily, quantize_linears
 from ..quant_dynamic import DynamicSpec, dynamic_spec
-from ..weights.files import Lazy, WeightsError, lazy_tensors, weight_files
+from ..weights.files import Lazy, WeightsError, lazy_tensors
 from ..weights.hub import resolve
 from ..weights.keymaps import PIXART_ORIGINAL, apply_key_map
 from ..weights.loading import PretrainedModel, load_into
@@ -288,9 +288,7 @@ class PixArtTransformer2DModel(PretrainedModel):
         per output channel, activations per token at each call (see pixart.quant.DynamicLinear)."""
         if quantization is None:
             return super().from_pretrained(path_or_id, subfolder, torch_dtype, device, variant, **config_overrides)
-        folder = resolve(path_or_id, subfolder)
-        config = cls.config_class.from_json(folder / "config.json").replace(**config_overrides)
-        tensors = cls.map_keys(lazy_tensors(weight_files(folder, variant)))
+        folder, config, tensors = cls.read_folder(resolve(path_or_id, subfolder), variant, config_overrides)
         return cls.from_state(config, tensors, str(folder), torch_dtype, device, quantization)
 
     @classmethod

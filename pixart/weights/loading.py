@@ -84,12 +84,17 @@ class PretrainedModel(nn.Module):
         **config_overrides: Any,
     ):
         """Load from a model folder (or a pipeline folder + subfolder, or a Hub id)."""
-        folder = resolve(path_or_id, subfolder)
+        folder, config, tensors = cls.read_folder(resolve(path_or_id, subfolder), variant, config_overrides)
+        return cls.from_state(config, tensors, str(folder), torch_dtype, device)
+
+    @classmethod
+    def read_folder(cls, folder: Path, variant: str | None,
+                    config_overrides: dict[str, Any]) -> tuple[Path, Any, dict[str, Lazy]]:
+        """A model folder's config (with overrides) and its weights as lazy tensors in our key names."""
         config = cls.config_class.from_json(folder / "config.json")
         if config_overrides:
             config = config.replace(**config_overrides)
-        files = weight_files(folder, variant)
-        return cls.from_state(config, cls.map_keys(lazy_tensors(files)), str(folder), torch_dtype, device)
+        return folder, config, cls.map_keys(lazy_tensors(weight_files(folder, variant)))
 
     @classmethod
     def map_keys(cls, tensors: dict[str, Lazy]) -> dict[str, Lazy]:
