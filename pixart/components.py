@@ -6,10 +6,11 @@ import gc
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Self
 
 import torch
 
+from .compile import compile_model
 from .configs import SchedulerConfig, TransformerConfig, VAEConfig
 from .models.vae import AutoencoderKL
 from .samplers import SAMPLERS
@@ -205,3 +206,98 @@ def module_dtype(module: Any) -> torch.dtype:
     """The dtype a model (ours or a transformers one) computes in."""
     dtype = getattr(module, "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) else next(module.parameters()).dtype
+
+
+class ModelPlacement:
+    """The pipeline's models: where they run and in which dtype (`to`, offloading, compile), whether loaded yet or not.
+
+    A subclass keeps `_loaded` (name -> model or None), `memory`, `_execution_target`, `_target_dtype`, `_load_dtype`
+    and `scheduler`."""
+
+    def to(self, *args: Any, **kwargs: Any) -> Self:
+        """Move (and optionally cast) the models: `.to("cuda")`, `.to(torch.bfloat16)`, `.to(device, dtype)`.
+
+        Models not loaded yet (staged) are placed the same way when they load."""
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        if kwargs:
+            raise TypeError(f"to() got unexpected keyword arguments: {', '.join(kwargs)}")
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
+        if device is not None:
+            self._execution_target = torch.device(device)
+        if dtype is not None:
+            self._target_dtype = dtype
+        for name in MODELS:
+            if self._loaded.get(name) is not None:
+                self._place(name, self._loaded[name], device if self.memory != "offload" else None, dtype)
+        return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
+        """Keep the models in CPU memory and move each to the GPU only while it runs (memory="offload")."""
+        target = torch.device(device) if gpu_id is None else torch.device(torch.device(device).type, gpu_id)
+        if target.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"model offloading moves models to a GPU while they run; {target} is not an available "
+                             "CUDA device (on the CPU, load with memory='staged')")
+        for name in MODELS:
+            if self._loaded.get(name) is not None:
+                self._loaded[name].to("cpu")
+        self.memory, self._execution_target = "offload", target
+
+    def compile(self, mode: str | None = None, vae: bool = False) -> Self:
+        """torch.compile the transformer's blocks (and with vae=True the VAE decoder) in place, for the run device.
+
+        The first call at each image size and batch compiles (minutes on a CPU); later ones reuse it. mode:
+        torch.compile's ("max-autotune"; "reduce-overhead" adds CUDA graphs). On CPU the weights are frozen into the
+        graph: compile after loading LoRAs. The compiled models stay resident, also in memory="staged" (reloading
+        them would compile them again)."""
+        for name in ("transformer", "vae") if vae else ("transformer",):
+            module = getattr(self, name)
+            if module is None:
+                raise ValueError(f"this pipeline has no {name} to compile")
+            if self.memory == "staged":
+                logger.info("compile keeps the %s resident: memory='staged' would reload and recompile it", name)
+            setattr(self, name, module)  # ours now: staged mode no longer releases it
+            if name == "vae":
+                compile_model(module.decoder, self.device, mode)
+            else:  # the blocks are 97% of the work, and step caching calls them without forward
+                compile_model(module, self.device, mode, "run_blocks" if hasattr(module, "run_blocks") else "forward")
+        return self
+
+    def _place(self, name: str, module: Any, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        """Move and cast one model; the VAE stays fp32 when fp16 would overflow, T5 keeps its fp32 layers."""
+        if name == "vae" and dtype == torch.float16 and module.config.force_upcast:
+            dtype = torch.float32  # fp16 VAE decoding overflows to NaN: the config asks for fp32
+        if hasattr(module, "cast") and dtype is not None:
+            module.cast(dtype)  # our models keep their fp16-unsafe layers in fp32
+            dtype = None
+        module.to(device=device, dtype=dtype)
+
+    def _loaded_main_module(self) -> Any:
+        """The loaded model that tells the pipeline's dtype and device: transformer, else text encoder, else VAE."""
+        modules = (self._loaded.get(name) for name in ("transformer", "text_encoder", "vae"))
+        return next((m for m in modules if m is not None), None)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models run (with offloading: the GPU, though they rest in CPU memory)."""
+        if self._execution_target is not None:
+            return self._execution_target
+        module = self._loaded_main_module()
+        return module_device(module) if module is not None else torch.device("cpu")
+
+    _execution_device = device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        module = self._loaded_main_module()
+        if module is not None:
+            return module_dtype(module)
+        return self._target_dtype or self._load_dtype
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The loaded components (models a staged pipeline has not loaded yet are None)."""
+        return {name: self._loaded.get(name) for name in COMPONENTS[:-1]} | {"scheduler": self.scheduler}

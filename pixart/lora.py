@@ -11,13 +11,15 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .components import is_available
+from .models.transformer import PixArtTransformer2DModel
 from .quant import QUANTIZED
 from .weights.files import lazy_tensors
 from .weights.hub import resolve
@@ -315,3 +317,48 @@ class Adapters:
             layer.active = {n: w for n, w in self.weights.items() if n in layer.lora_A}
             if self.fused is not None:
                 layer.fuse(self.fused)
+
+
+class LoraLoaderMixin:
+    """The pipeline's LoRA methods (diffusers' names); the adapters live in `self.lora` and are re-applied to the
+    transformer whenever it loads."""
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+                          adapter_name: str | None = None, weight_name: str | None = None, **hub_kwargs: Any) -> str:
+        """Add a LoRA to the transformer (file, folder, Hub id or state dict; diffusers, PEFT or kohya keys).
+
+        It is active with weight 1 next to those loaded before; returns its adapter name (default_0, default_1...)."""
+        if not is_available(self, "transformer"):
+            raise ValueError("this pipeline has no transformer to add a LoRA to (it was loaded with transformer=None)")
+        module = self._loaded.get("transformer")
+        if module is None:  # staged: check the LoRA against the layer shapes of a weightless model
+            with torch.device("meta"):
+                module = PixArtTransformer2DModel(self.model_config("transformer"))
+        name = self.lora.load(pretrained_model_name_or_path_or_dict, linear_layers(module), adapter_name, weight_name,
+                              **hub_kwargs)
+        self._apply_lora()
+        return name
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
+        """Use exactly these loaded adapters, each scaled by its weight (default 1.0)."""
+        self.lora.set_adapters(adapter_names, adapter_weights)
+        self._apply_lora()
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        """Merge the active adapters (times lora_scale) into the transformer's weights: no cost per step."""
+        self.lora.fused = lora_scale
+        self._apply_lora()
+
+    def unfuse_lora(self) -> None:
+        """Restore the weights fuse_lora changed, exactly; the adapters stay active, unfused."""
+        self.lora.fused = None
+        self._apply_lora()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the transformer gets its original layers and weights back."""
+        self.lora = Adapters()
+        self._apply_lora()
+
+    def _apply_lora(self) -> None:
+        if self._loaded.get("transformer") is not None:
+            self.lora.apply(self._loaded["transformer"])

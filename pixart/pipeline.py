@@ -12,14 +12,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .bins import classify_height_width_bin, model_bin_table
-from .compile import compile_model
-from .components import (COMPONENTS, MODELS, Component, Held, choose_memory, component_folders, device_from,
+from .components import (MODELS, Component, Held, ModelPlacement, choose_memory, component_folders, device_from,
                          is_available, load_scheduler, load_vae, module_device, module_dtype, read_config, running)
 from .configs import SchedulerConfig
 from .denoise import check_guidance_interval, guidance_window, model_function
 from .images import ImageProcessor, resize_and_crop_tensor
 from .inputs import check_call, micro_conditions, per_image
-from .lora import Adapters, linear_layers
+from .lora import Adapters, LoraLoaderMixin
 from .models.t5 import T5EncoderModel
 from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
@@ -56,7 +55,7 @@ def _as_scheduler_config(scheduler: Any) -> SchedulerConfig:
     raise TypeError(f"scheduler must be a pixart SchedulerConfig or a diffusers scheduler, got {type(scheduler)}")
 
 
-class PixArtAlphaPipeline:
+class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
     """Drop-in for diffusers' PixArtAlphaPipeline, in plain PyTorch."""
 
     tokenizer = Component()
@@ -180,136 +179,6 @@ class PixArtAlphaPipeline:
             pipe._encoder_id = fingerprint(subfolders["text_encoder"], subfolders["tokenizer"],
                                            extra={"quantization": text_encoder_quantization})
         return pipe
-
-    def to(self, *args: Any, **kwargs: Any) -> "PixArtAlphaPipeline":
-        """Move (and optionally cast) the models: `.to("cuda")`, `.to(torch.bfloat16)`, `.to(device, dtype)`.
-
-        Models not loaded yet (staged) are placed the same way when they load."""
-        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-        if kwargs:
-            raise TypeError(f"to() got unexpected keyword arguments: {', '.join(kwargs)}")
-        for arg in args:
-            if isinstance(arg, torch.dtype):
-                dtype = arg
-            else:
-                device = arg
-        if device is not None:
-            self._execution_target = torch.device(device)
-        if dtype is not None:
-            self._target_dtype = dtype
-        for name in MODELS:
-            if self._loaded.get(name) is not None:
-                self._place(name, self._loaded[name], device if self.memory != "offload" else None, dtype)
-        return self
-
-    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
-        """Keep the models in CPU memory and move each to the GPU only while it runs (memory="offload")."""
-        target = torch.device(device) if gpu_id is None else torch.device(torch.device(device).type, gpu_id)
-        if target.type != "cuda" or not torch.cuda.is_available():
-            raise ValueError(f"model offloading moves models to a GPU while they run; {target} is not an available "
-                             "CUDA device (on the CPU, load with memory='staged')")
-        for name in MODELS:
-            if self._loaded.get(name) is not None:
-                self._loaded[name].to("cpu")
-        self.memory, self._execution_target = "offload", target
-
-    def compile(self, mode: str | None = None, vae: bool = False) -> "PixArtAlphaPipeline":
-        """torch.compile the transformer's blocks (and with vae=True the VAE decoder) in place, for the run device.
-
-        The first call at each image size and batch compiles (minutes on a CPU); later ones reuse it. mode:
-        torch.compile's ("max-autotune"; "reduce-overhead" adds CUDA graphs). On CPU the weights are frozen into the
-        graph: compile after loading LoRAs. The compiled models stay resident, also in memory="staged" (reloading
-        them would compile them again)."""
-        for name in ("transformer", "vae") if vae else ("transformer",):
-            module = getattr(self, name)
-            if module is None:
-                raise ValueError(f"this pipeline has no {name} to compile")
-            if self.memory == "staged":
-                logger.info("compile keeps the %s resident: memory='staged' would reload and recompile it", name)
-            setattr(self, name, module)  # ours now: staged mode no longer releases it
-            if name == "vae":
-                compile_model(module.decoder, self.device, mode)
-            else:  # the blocks are 97% of the work, and step caching calls them without forward
-                compile_model(module, self.device, mode, "run_blocks" if hasattr(module, "run_blocks") else "forward")
-        return self
-
-    def _place(self, name: str, module: Any, device: torch.device | None, dtype: torch.dtype | None) -> None:
-        """Move and cast one model; the VAE stays fp32 when fp16 would overflow, T5 keeps its fp32 layers."""
-        if name == "vae" and dtype == torch.float16 and module.config.force_upcast:
-            dtype = torch.float32  # fp16 VAE decoding overflows to NaN: the config asks for fp32
-        if hasattr(module, "cast") and dtype is not None:
-            module.cast(dtype)  # our models keep their fp16-unsafe layers in fp32
-            dtype = None
-        module.to(device=device, dtype=dtype)
-
-    def _loaded_main_module(self) -> Any:
-        """The loaded model that tells the pipeline's dtype and device: transformer, else text encoder, else VAE."""
-        modules = (self._loaded.get(name) for name in ("transformer", "text_encoder", "vae"))
-        return next((m for m in modules if m is not None), None)
-
-    @property
-    def device(self) -> torch.device:
-        """Where the models run (with offloading: the GPU, though they rest in CPU memory)."""
-        if self._execution_target is not None:
-            return self._execution_target
-        module = self._loaded_main_module()
-        return module_device(module) if module is not None else torch.device("cpu")
-
-    _execution_device = device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        module = self._loaded_main_module()
-        if module is not None:
-            return module_dtype(module)
-        return self._target_dtype or self._load_dtype
-
-    @property
-    def components(self) -> dict[str, Any]:
-        """The loaded components (models a staged pipeline has not loaded yet are None)."""
-        return {name: self._loaded.get(name) for name in COMPONENTS[:-1]} | {"scheduler": self.scheduler}
-
-    # LoRA (pixart/lora.py)
-
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
-                          adapter_name: str | None = None, weight_name: str | None = None, **hub_kwargs: Any) -> str:
-        """Add a LoRA to the transformer (file, folder, Hub id or state dict; diffusers, PEFT or kohya keys).
-
-        It is active with weight 1 next to those loaded before; returns its adapter name (default_0, default_1...)."""
-        if not is_available(self, "transformer"):
-            raise ValueError("this pipeline has no transformer to add a LoRA to (it was loaded with transformer=None)")
-        module = self._loaded.get("transformer")
-        if module is None:  # staged: check the LoRA against the layer shapes of a weightless model
-            with torch.device("meta"):
-                module = PixArtTransformer2DModel(self.model_config("transformer"))
-        name = self.lora.load(pretrained_model_name_or_path_or_dict, linear_layers(module), adapter_name, weight_name,
-                              **hub_kwargs)
-        self._apply_lora()
-        return name
-
-    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
-        """Use exactly these loaded adapters, each scaled by its weight (default 1.0)."""
-        self.lora.set_adapters(adapter_names, adapter_weights)
-        self._apply_lora()
-
-    def fuse_lora(self, lora_scale: float = 1.0) -> None:
-        """Merge the active adapters (times lora_scale) into the transformer's weights: no cost per step."""
-        self.lora.fused = lora_scale
-        self._apply_lora()
-
-    def unfuse_lora(self) -> None:
-        """Restore the weights fuse_lora changed, exactly; the adapters stay active, unfused."""
-        self.lora.fused = None
-        self._apply_lora()
-
-    def unload_lora_weights(self) -> None:
-        """Remove every adapter: the transformer gets its original layers and weights back."""
-        self.lora = Adapters()
-        self._apply_lora()
-
-    def _apply_lora(self) -> None:
-        if self._loaded.get("transformer") is not None:
-            self.lora.apply(self._loaded["transformer"])
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """Options for the tqdm progress bar of the denoising loop (e.g. disable=True)."""
