@@ -7,9 +7,9 @@ whole generation of --steps from T5 embeddings (add the text row for the end-to-
 default, guidance interval, step caching at three settings, int8 (and fp8 on CUDA) transformers alone and with
 both. Image rows give the PSNR to pixart's default image (the default row: to diffusers' image) and, with caching,
 how many steps ran the blocks. Options are pixart's alone: their speedup is against diffusers' default.
-`--model demo` measures the options on the demo model instead: all 54 captions once, with the demo classifier's
-score (random weights say nothing about image quality); `--model FOLDER` any pipeline folder (the step and decode
-rows always time the random real-size models).
+`--model demo` measures the options on the demo model instead: the 54 captions with 2 seeds (as tests/test_demo.py),
+with the demo classifier's score (random weights say nothing about image quality); `--model FOLDER` any pipeline
+folder (the step and decode rows always time the random real-size models).
 
     python bench/speed.py                                              # 512² and 1024², 20 steps: hours on a CPU
     python bench/speed.py --sizes 256 --steps 4 --parts image          # minutes
@@ -117,7 +117,7 @@ def worker(spec: dict) -> dict:
         elif demo:
             def call(warm):
                 evaluations.clear()  # this run's count only
-                return generate_all(pipe, seeds=(0,), num_inference_steps=2 if warm else spec["steps"],
+                return generate_all(pipe, seeds=(0, 1), num_inference_steps=2 if warm else spec["steps"],
                                     output_type="np", **call_kwargs)
 
             times, (images, labels) = timed(call, spec["repeats"], device)

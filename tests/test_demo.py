@@ -70,14 +70,23 @@ def fraction(got: list[shapes.Label], labels: list[shapes.Label], field: str | N
 
 
 def test_demo_model_follows_the_background_and_colour_of_the_caption(classified):
-    """Far above chance (1/3 and 1/6): the captions reach the transformer through T5, training and sampling work."""
+    """Background and shape colour nearly always right (the shipped model: 100% and 99% of 108 images; the margin
+    allows a few images to flip on another CPU's float rounding): the captions reach the transformer through T5."""
     got, labels = classified
     background, color = fraction(got, labels, "background"), fraction(got, labels, "color")
-    assert background >= 0.8 and color >= 0.6, f"background {background:.1%}, colour {color:.1%} of 108 images"
+    assert background >= 0.95 and color >= 0.9, f"background {background:.1%}, colour {color:.1%} of 108 images"
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped demo model is undertrained (4,000 steps on 2 busy CPU cores): its "
-                   "shapes are blobs, about a third of the images are right; rebuild with more --train-steps")
+def test_demo_model_draws_triangles_and_the_shape_kind_above_chance(classified):
+    """Shape kind well above chance (1/3): triangles are drawn as triangles (the shipped model: 31 of 36)."""
+    got, labels = classified
+    triangles = [g.shape == "triangle" for g, w in zip(got, labels) if w.shape == "triangle"]
+    assert fraction(got, labels, "shape") >= 0.5, f"shape kind {fraction(got, labels, 'shape'):.1%}"
+    assert sum(triangles) / len(triangles) >= 0.7, f"{sum(triangles)} of {len(triangles)} triangles"
+
+
+@pytest.mark.xfail(strict=True, reason="NOT MET: the shipped demo model gets 63% of the images right in all "
+                   "three respects, not 90%: its circles and squares are the same rounded blobs (README, Demo model)")
 def test_demo_model_draws_the_54_captions(classified):
     """Issue 4's proof: at least 90% of the images have the right background, shape colour and shape kind."""
     got, labels = classified
