@@ -98,7 +98,8 @@ def worker(spec: dict) -> dict:
     load_kwargs, call_kwargs = OPTIONS.get(spec["option"]) or quantization_options(device)[spec["option"]]
     demo = spec["folder"] == str(DEMO_MODEL)
     if spec["engine"] != "pixart":
-        call_kwargs = {}
+        # diffusers has no resolution bins for the demo's 128 px (its sample size 16 raises "Invalid sample size")
+        call_kwargs = {"use_resolution_binning": False} if demo else {}
     start = time.perf_counter()
     pipe = load(spec["engine"], Path(spec["folder"]), dtype, device, load_kwargs, spec["part"], demo)
     result = {"load_s": time.perf_counter() - start}
@@ -232,10 +233,10 @@ def main() -> None:
                         **{f"diffusers_{k}": _round(v) for k, v in base.items() if k != "block_evaluations"}}
                 if "seconds" in out and "seconds" in base:
                     line.update(speedups(base["seconds"], out["seconds"], base["cpu_seconds"], out["cpu_seconds"]))
-                    reference = "diffusers" if option == "default" else "default"
-                    if (tmp / f"{reference}.npy").is_file() and part == "image":
-                        line[f"psnr_db_vs_{reference}"] = psnr(np.load(tmp / f"{option}.npy"),
-                                                               np.load(tmp / f"{reference}.npy"))
+                reference = "diffusers" if option == "default" else "default"
+                if "seconds" in out and (tmp / f"{reference}.npy").is_file() and part == "image":
+                    line[f"psnr_db_vs_{reference}"] = psnr(np.load(tmp / f"{option}.npy"),
+                                                           np.load(tmp / f"{reference}.npy"))
                 print(json.dumps(line), flush=True)
 
 

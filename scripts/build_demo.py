@@ -7,8 +7,8 @@ data: the synthetic shapes dataset (PNG + .txt captions). text: a sentencepiece 
 a tiny random T5 (frozen: it is never trained). vae: a small AutoencoderKL trained on the dataset (2 minutes on a
 GPU; hours on a busy CPU), its scaling_factor set to 1/std of the latents. extract: `pixart extract` of the dataset.
 transformer: `pixart train` from scratch at learning rate 1e-3, then a second run from its EMA weights at 2e-4 (larger
---train-steps / --anneal-steps continue the runs' checkpoints), scored with the shapes classifier on the 54 captions x 2 seeds (a
-warning below 90%); the folder is copied to --out.
+--train-steps / --anneal-steps continue the runs' checkpoints), scored with the shapes classifier on the 54
+captions x 2 seeds (a warning below 90%); the folder is copied to --out.
 Deterministic on one machine and device: the data and T5 bit for bit, the tokenizer piece for piece.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ STAGES = ("data", "text", "vae", "extract", "transformer")
 MODEL_INDEX = {
     "_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.42.1",
     "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
-    "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "PixArtTransformer2DModel"],
+    "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "transformer": ["diffusers", "PixArtTransformer2DModel"],
     "vae": ["diffusers", "AutoencoderKL"],
 }
 # PixArt-α's scheduler_config.json (DPM-Solver++ 2M), the keys diffusers' DPMSolverMultistepScheduler takes
@@ -85,12 +85,14 @@ def stage_text(work: Path, seed: int) -> None:
     (tokenizer / "spiece.vocab").unlink()
     special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
     (tokenizer / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    config = {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 120, **special}
-    (tokenizer / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    config = {"extra_ids": 0, "model_max_length": 120, **special}
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer / "spiece.model"))
     split = [c for c in captions if len(sp.encode(c)) != len(c.split())]
     if split:
         raise SystemExit(f"the tokenizer splits caption words: {split[:3]}; raise VOCAB")
+    write_tokenizer_json(sp, tokenizer / "tokenizer.json")
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     torch.manual_seed(seed)
     T5EncoderModel(T5).save_pretrained(folder / "text_encoder")
@@ -98,6 +100,29 @@ def stage_text(work: Path, seed: int) -> None:
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2) + "\n")
     (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
     log(f"text: tokenizer ({VOCAB} pieces) and T5 (d_model {T5.d_model}) in {folder}")
+
+
+def write_tokenizer_json(sp, path: Path) -> None:
+    """The sentencepiece BPE model as a `tokenizers` BPE tokenizer.json (merges: every vocabulary piece that is the
+    concatenation of two others, in vocabulary order), for transformers: its T5Tokenizer reads any spiece.model as a
+    Unigram model and splits "black" into "▁bl" + "ack", so model_index.json names PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    ids = {piece: i for i, piece in enumerate(pieces)}
+    plain = [p for p in pieces if not (sp.is_control(ids[p]) or sp.is_unknown(ids[p]))]
+    merges = sorted((ids[a + b], a, b) for a in plain for b in plain if a + b in ids)
+    tok = Tokenizer(models.BPE(ids, [(a, b) for _, a, b in merges], unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                      special_tokens=[("</s>", ids["</s>"])])
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    tok.save(str(path))
+    captions = [shapes.caption(label) for label in shapes.labels()]
+    wrong = [c for c in captions if tok.encode(c).ids != [*sp.encode(c), ids["</s>"]]]
+    if wrong:
+        raise SystemExit(f"tokenizer.json disagrees with spiece.model on {wrong[:3]}")
 
 
 def load_images(folder: Path, count: int | None = None) -> torch.Tensor:
