@@ -6,7 +6,7 @@ import gc
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Self
+from typing import Any, Iterator
 
 import torch
 
@@ -214,7 +214,7 @@ class ModelPlacement:
     A subclass keeps `_loaded` (name -> model or None), `memory`, `_execution_target`, `_target_dtype`, `_load_dtype`
     and `scheduler`."""
 
-    def to(self, *args: Any, **kwargs: Any) -> Self:
+    def to(self, *args: Any, **kwargs: Any) -> "ModelPlacement":
         """Move (and optionally cast) the models: `.to("cuda")`, `.to(torch.bfloat16)`, `.to(device, dtype)`.
 
         Models not loaded yet (staged) are placed the same way when they load."""
@@ -246,7 +246,7 @@ class ModelPlacement:
                 self._loaded[name].to("cpu")
         self.memory, self._execution_target = "offload", target
 
-    def compile(self, mode: str | None = None, vae: bool = False) -> Self:
+    def compile(self, mode: str | None = None, vae: bool = False) -> "ModelPlacement":
         """torch.compile the transformer's blocks (and with vae=True the VAE decoder) in place, for the run device.
 
         The first call at each image size and batch compiles (minutes on a CPU); later ones reuse it. mode:
