@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from pixart.cli import DTYPES
+
 CACHE = Path(__file__).resolve().parent / "_cache"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLE_SIZE = {256: 32, 512: 64, 1024: 128}
 
 
@@ -151,6 +152,15 @@ def _native_bf16() -> bool:
     from pixart.hardware import cpu_has_fast_bf16
 
     return cpu_has_fast_bf16()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), which the figures must be quoted with."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
 
 
 if __name__ == "__main__":

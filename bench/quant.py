@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import resource
 import statistics
 import time
@@ -29,6 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from core import cpu_name
 from pixart.compile import COMPILE_MODES, compile_model
 from pixart.cli import DTYPES
 from pixart.configs import PRESETS, TransformerConfig
@@ -44,10 +44,8 @@ def machine(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on."""
     if device.type == "cuda":
         return {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
-    name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                platform.processor())
     isa = sorted((cpu_flags() or set()) & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"})
-    return {"device": name, "isa": isa, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"device": cpu_name(), "isa": isa, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def sync(device: torch.device) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import pixart
-from core import DTYPES, timed
+from core import DTYPES, cpu_name, timed
 from folders import pipeline_folder
 from pixart.demo import MODEL as DEMO_MODEL
 from pixart.demo.shapes import SIZE as DEMO_SIZE
@@ -207,7 +207,7 @@ def main() -> None:
         if not (DEMO_MODEL / "model_index.json").is_file():
             parser.error(f"the demo model is not built ({DEMO_MODEL}): python scripts/build_demo.py")
         args.sizes, args.parts = [DEMO_SIZE], ["image"]
-    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     common = {"machine": machine, "device": args.device, "dtype": args.dtype, "baseline_dtype": args.baseline_dtype,
               "threads": args.threads, "model": args.model}
     tmp = Path(tempfile.mkdtemp(prefix="pixart-speed-"))
@@ -249,13 +249,6 @@ def speedups(base: float | None, ours: float | None, base_cpu: float | None, our
 
 def _round(value):
     return round(value, 3) if isinstance(value, float) else value
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 if __name__ == "__main__":
