@@ -35,7 +35,6 @@ from pixart.pipeline import PixArtAlphaPipeline
 from pixart.train.model import RAW_VARIANT
 
 ROOT = Path(__file__).resolve().parent.parent
-ANNEAL_STEPS = 5500  # the shipped model's; see README, Demo model
 STAGES = ("data", "text", "vae", "extract", "transformer")
 MODEL_INDEX = {
     "_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.42.1",
@@ -85,13 +84,12 @@ def stage_text(work: Path, seed: int) -> None:
     (tokenizer / "spiece.vocab").unlink()
     special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
     (tokenizer / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    config = {"extra_ids": 0, "model_max_length": 120, **special}
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer / "spiece.model"))
     split = [c for c in captions if len(sp.encode(c)) != len(c.split())]
     if split:
         raise SystemExit(f"the tokenizer splits caption words: {split[:3]}; raise VOCAB")
     write_tokenizer_json(sp, tokenizer / "tokenizer.json")
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "extra_ids": 0, "model_max_length": 120, **special}
     (tokenizer / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     torch.manual_seed(seed)
@@ -263,8 +261,8 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--ema-decay", type=float, default=0.995, help="short runs need a short average: 0.999 "
                         "would still hold 13%% of the random initialisation after 2000 steps")
-    parser.add_argument("--anneal-steps", type=int, default=ANNEAL_STEPS, help="steps of the second run, from the "
-                        "first one's EMA weights")
+    parser.add_argument("--anneal-steps", type=int, default=5500, help="steps of the second run, from the first "
+                        "one's EMA weights (the shipped model's)")
     parser.add_argument("--anneal-lr", type=float, default=2e-4)
     parser.add_argument("--anneal-ema-decay", type=float, default=0.998)
     parser.add_argument("--procs", type=int, default=1, help="extract and train processes (torchrun); on a busy "
