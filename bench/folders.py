@@ -18,10 +18,13 @@ FOLDER = CACHE / "pixart-xl-2-1024-ms-random"
 SHARED = ("text_encoder", "tokenizer", "vae", "scheduler", "model_index.json")
 
 
-def pipeline_folder(size: int = 1024) -> Path:
-    """The random-weight PixArt-XL-2 pipeline folder of `size` (256, 512 or 1024 pixels), built on first use."""
+def pipeline_folder(size: int = 1024, text_encoder: bool = True) -> Path:
+    """The random-weight PixArt-XL-2 pipeline folder of `size` (256, 512 or 1024 pixels), built on first use;
+    without `text_encoder`, its T5-XXL (19 GB) is written only if a later call asks for it."""
     build_cache()
     _build_1024()
+    if text_encoder:
+        _build_t5()
     if size == 1024:
         return FOLDER
     folder = CACHE / f"pixart-xl-2-{size}-random"
@@ -36,12 +39,11 @@ def pipeline_folder(size: int = 1024) -> Path:
 
 
 def _build_1024() -> None:
-    """The 1024-MS folder, written tensor group by tensor group so building it never holds T5-XXL whole."""
+    """The 1024-MS folder but its T5: links to the cached transformer and VAE, the tokenizer and scheduler."""
     if (FOLDER / "model_index.json").is_file():
         return
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import PIXART_SCHEDULER, train_spm
-    from safetensors.torch import save_file
 
     FOLDER.mkdir(parents=True, exist_ok=True)
     for name in ("transformer", "vae"):
@@ -59,7 +61,21 @@ def _build_1024() -> None:
     (FOLDER / "scheduler").mkdir(exist_ok=True)
     (FOLDER / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({"_class_name": "DPMSolverMultistepScheduler", **PIXART_SCHEDULER}))
+    (FOLDER / "model_index.json").write_text(json.dumps({
+        "_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}))
+
+
+def _build_t5() -> None:
+    """T5-XXL in fp32, 25 shards as on the Hub, written tensor group by tensor group (never whole in memory); its
+    index, written last, marks it complete."""
+    from safetensors.torch import save_file
+
     te = FOLDER / "text_encoder"
+    if (te / "model.safetensors.index.json").is_file():
+        return
     te.mkdir(exist_ok=True)
     config = {"architectures": ["T5EncoderModel"], "model_type": "t5", "d_model": 4096, "d_kv": 64, "d_ff": 10240,
               "num_layers": 24, "num_heads": 64, "vocab_size": 32128, "feed_forward_proj": "gated-gelu",
@@ -100,8 +116,3 @@ def _build_1024() -> None:
     total = sum((te / f).stat().st_size for f in set(weight_map.values()))
     (te / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                  "weight_map": weight_map}))
-    (FOLDER / "model_index.json").write_text(json.dumps({
-        "_class_name": "PixArtAlphaPipeline", "_diffusers_version": "0.42.1",
-        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "T5Tokenizer"], "transformer": ["diffusers", "PixArtTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"]}))

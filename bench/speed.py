@@ -212,7 +212,8 @@ def main() -> None:
               "threads": args.threads, "model": args.model}
     tmp = Path(tempfile.mkdtemp(prefix="pixart-speed-"))
     for size in args.sizes:
-        folder = {"demo": DEMO_MODEL, "random": None}.get(args.model, Path(args.model)) or pipeline_folder(size)
+        folder = ({"demo": DEMO_MODEL, "random": None}.get(args.model, Path(args.model))
+                  or pipeline_folder(size, text_encoder="text" in args.parts))
         for part in args.parts:
             row = {"part": part, "size": f"{size}x{size}", **common}
             if part in ("step", "decode"):

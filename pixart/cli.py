@@ -29,6 +29,19 @@ from .weights.files import WeightsError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+
+def duration(text: str) -> float:
+    """'90', '90s', '45m', '2h' or '1.5h' -> seconds (argparse type)."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text[-1:].lower() in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit.lower()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write 90s, 45m or 2h") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the duration must be positive")
+    return seconds
+
 def lora_option(value: str) -> tuple[str, float]:
     """`FILE[:SCALE]` -> (FILE, SCALE); a colon not followed by a number belongs to the path."""
     path, _, scale = value.rpartition(":")
@@ -158,6 +171,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "(default %(default)s)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps to train for")
     p.add_argument("--epochs", type=int, default=None, help="passes over the features (with --max-steps: whichever ends first)")
+    p.add_argument("--max-time", type=duration, default=None, metavar="DURATION", help="stop after this much "
+                   "training in this process (90s, 45m, 2h; with --max-steps/--epochs: whichever ends first), "
+                   "writing a checkpoint that --resume auto continues: for jobs with a wall-clock limit")
     p.add_argument("--seed", type=int, default=d["seed"], help="seed of the data order, noise and initialisation")
     p.add_argument("--lr", type=float, default=d["lr"], help="AdamW learning rate (default %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="default %(default)s")

@@ -55,9 +55,16 @@ T5 = T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num
 # 8x down, 4 latent channels; narrow at full resolution, where decoding costs the most
 VAE = VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=128,
                 scaling_factor=1.0)
-# 16 tokens (16x16 latents, patch 4: a quarter of patch 2's compute, which a CPU run needs); no micro-conditions
-TRANSFORMER = TransformerConfig(sample_size=16, patch_size=4, num_attention_heads=3, attention_head_dim=32,
-                                num_layers=4, cross_attention_dim=96, caption_channels=T5.d_model)
+HEAD_DIM = 32
+
+
+def transformer_config(patch_size: int, width: int, depth: int) -> TransformerConfig:
+    """The demo transformer: 16x16 latents, heads of 32, no micro-conditions."""
+    if width % HEAD_DIM:
+        raise SystemExit(f"--width {width} is not a multiple of the head size {HEAD_DIM}")
+    return TransformerConfig(sample_size=16, patch_size=patch_size, num_attention_heads=width // HEAD_DIM,
+                             attention_head_dim=HEAD_DIM, num_layers=depth, cross_attention_dim=width,
+                             caption_channels=T5.d_model)
 
 
 def log(*parts) -> None:
@@ -185,9 +192,9 @@ def pixart(*args: str, procs: int = 1) -> None:
 
 
 def stage_extract(work: Path, device: str, procs: int) -> None:
-    """The transformer's config (extract reads its size), then T5 features and VAE posteriors of the dataset."""
+    """A transformer config (extract reads its sample size), then T5 features and VAE posteriors of the dataset."""
     (work / "model" / "transformer").mkdir(exist_ok=True)
-    TRANSFORMER.save(work / "model" / "transformer" / "config.json")
+    transformer_config(4, 96, 4).save(work / "model" / "transformer" / "config.json")
     pixart("extract", work / "data", "--model", work / "model", "-o", work / "features", "--device", device,
            "--dtype", "fp32", "--quiet", procs=procs)
 
@@ -195,9 +202,10 @@ def stage_extract(work: Path, device: str, procs: int) -> None:
 def stage_transformer(work: Path, out: Path, args: argparse.Namespace) -> None:
     """`pixart train` from scratch at a high learning rate, then on from its EMA weights at a low one (annealing: the
     shapes sharpen); the 54-caption score of the result, and the folder copied to `out`."""
-    first = train_run(work, args.run, args.train_steps, args.lr, args.warmup_steps, args.ema_decay, args.seed, args)
-    run = train_run(work, f"{args.run}-anneal", args.anneal_steps, args.anneal_lr, 50, args.anneal_ema_decay,
-                    args.seed + 1, args, start=first)
+    first = train_run(work, args.run, args.train_steps, args.train_time, args.lr, args.warmup_steps, args.ema_decay,
+                      args.seed, args)
+    run = train_run(work, f"{args.run}-anneal", args.anneal_steps, args.anneal_time, args.anneal_lr, 50,
+                    args.anneal_ema_decay, args.seed + 1, args, start=first)
     pipe = PixArtAlphaPipeline.from_pretrained(run, device=args.device)
     images, labels = shapes.generate_all(pipe)
     score = shapes.score(images, labels)
@@ -213,17 +221,21 @@ def stage_transformer(work: Path, out: Path, args: argparse.Namespace) -> None:
             "continue the runs)")
 
 
-def train_run(work: Path, name: str, steps: int, lr: float, warmup: int, ema_decay: float, seed: int,
-              args: argparse.Namespace, start: Path | None = None) -> Path:
-    """`pixart train` into work/train-NAME: from scratch (TRANSFORMER), or from the pipeline folder `start`."""
+def train_run(work: Path, name: str, steps: int, seconds: str | None, lr: float, warmup: int, ema_decay: float,
+              seed: int, args: argparse.Namespace, start: Path | None = None) -> Path:
+    """`pixart train` into work/train-NAME: from scratch (--patch-size, --width, --depth), or from the pipeline
+    folder `start`; for `steps`, or until `seconds` of training (then the step count reached is logged)."""
     run = work / f"train-{name}"
     resume = ["--resume", "auto"] if (run / "checkpoints").is_dir() else []  # a larger step count continues
-    origin = ["--config", work / "model" / "transformer" / "config.json"] if start is None else []
+    config = work / f"config-{name}.json"
+    transformer_config(args.patch_size, args.width, args.depth).save(config)
+    origin = ["--config", config] if start is None else []
+    limit = ["--max-time", seconds] if seconds else []
     pixart("train", work / "features", "-o", run, "--model", start or work / "model", *origin,
            "--batch-size", args.batch_size, "--max-steps", steps, "--lr", lr, "--warmup-steps", warmup,
            "--grad-clip", 1.0, "--ema-decay", ema_decay, "--caption-dropout", 0.1, "--seed", seed,
-           "--mixed-precision", "no", "--device", args.device, "--sample-every", 0, "--checkpoint-every", 250,
-           "--log-every", 50, *resume, procs=args.procs)
+           "--mixed-precision", args.mixed_precision, "--device", args.device, "--sample-every", 0, "--checkpoint-every", 250,
+           "--log-every", 50, *limit, *resume, procs=args.procs)
     return run
 
 
@@ -255,7 +267,13 @@ def main() -> None:
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--kl-weight", type=float, default=1e-6, help="a larger one blurs the reconstructions")
     parser.add_argument("--run", default="main", help="name of the training run (train-RUN/ in --work)")
+    parser.add_argument("--patch-size", type=int, default=4)
+    parser.add_argument("--width", type=int, default=96, help="the transformer's width (heads of 32)")
+    parser.add_argument("--depth", type=int, default=4, help="the transformer's blocks")
     parser.add_argument("--train-steps", type=int, default=7250, help="steps of the first run (from scratch)")
+    parser.add_argument("--train-time", default=None, help="or a training time (as pixart train --max-time)")
+    parser.add_argument("--anneal-time", default=None, help="a training time of the second run")
+    parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16"))
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=100)

@@ -69,6 +69,24 @@ def test_reader_pads_captions_and_reads_latents_of_a_hand_written_folder(tmp_pat
     assert caption.shape == (L, D) and mask.tolist() == [1] + [0] * (L - 1) and not caption[1:].any()
 
 
+def test_batches_equal_the_items_cut_to_the_batch_length_from_disk_and_from_memory(tmp_path):
+    write_features(tmp_path, {(64, 64): 4})
+    null_caption, null_mask = Features(tmp_path).null_caption()
+    for cache_bytes in (0, 2 << 30):  # nothing kept in memory (every read from the shard), everything kept
+        features = Features(tmp_path, cache_bytes=cache_bytes)
+        for _ in range(2):  # the second pass reads the memory copies where they were kept
+            indices, null, length = [3, 0, 2], [False, True, False], 2
+            got = features.batch(indices, length, null=null)
+            items = [features[i] for i in indices]
+            want_caption = torch.stack([null_caption if d else it["caption"] for it, d in zip(items, null)])
+            want_mask = torch.stack([null_mask if d else it["mask"] for it, d in zip(items, null)])
+            assert torch.equal(got["caption"], want_caption[:, :length])
+            assert torch.equal(got["mask"], want_mask[:, :length])
+            assert torch.equal(got["mean"], torch.stack([it["mean"] for it in items]))
+            assert torch.equal(got["std"], torch.stack([it["std"] for it in items]))
+        assert sorted(features._cache) == ([] if cache_bytes == 0 else [0, 2, 3])  # the items read
+
+
 def test_epoch_batches_are_one_bucket_each_deterministic_and_reshuffled_per_epoch(tmp_path):
     write_features(tmp_path, {(64, 64): 9, (48, 80): 5, (80, 48): 1})
     features = Features(tmp_path)

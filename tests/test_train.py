@@ -1,6 +1,7 @@
 """`pixart train` on tiny configs: it learns, resumes exactly, runs the same on 2 processes, saves loadable folders."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -112,6 +113,33 @@ def test_resumed_run_ends_with_identical_weights(tiny):
     assert not torch.equal(ema["proj_out.weight"], raw["proj_out.weight"])
     assert [p.name for p in (first / "checkpoints").iterdir()] == ["step-00000006"]  # keep 1
     assert [r["step"] for r in log_records(first)] == list(range(1, 8))
+
+
+def test_max_time_stops_with_a_checkpoint_that_resumes_exactly(tiny, monkeypatch):
+    """A clock that advances 1 s per reading: --max-time 3.5 stops after 3 steps (the 4th reading), writes a
+    checkpoint (none was due) and the model; resuming to 7 steps equals 7 steps at once."""
+    common = dict(caption_dropout=0.5, ema_decay=0.9, seed=3)
+    whole = run(tiny, "whole", max_steps=7, **common)
+    readings = iter(range(1000))
+    monkeypatch.setattr("pixart.train.loop.monotonic", lambda: next(readings))
+    first = run(tiny, "split", max_time=3.5, checkpoint_every=0, **common)
+    assert [p.name for p in (first / "checkpoints").iterdir()] == ["step-00000003"]
+    assert (first / "transformer" / WEIGHTS).is_file()
+    run(tiny, "split", max_steps=7, resume="auto", **common)
+    a, b = load_file(whole / "transformer" / WEIGHTS), load_file(first / "transformer" / WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_max_time_reads_durations_and_refuses_bad_ones(capsys):
+    from pixart.cli import duration
+
+    assert [duration(t) for t in ("90", "90s", "45m", "1.5h", "2H")] == [90, 90, 2700, 5400, 7200]
+    for bad in ("soon", "-5m", "0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="duration"):
+            duration(bad)
+    with pytest.raises(SystemExit):
+        main(["train", "features", "-o", "out", "--max-time", "ten minutes"])
+    assert "not a duration: write 90s, 45m or 2h" in capsys.readouterr().err
 
 
 def test_resume_refuses_changed_batch_size_and_unasked_restart(tiny, capsys):
@@ -260,7 +288,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
 def test_bad_options_name_the_fix(tiny):
     with pytest.raises(ValueError, match="--model PIPELINE_FOLDER to fine-tune, or --config"):
         train(TrainOptions(features=str(tiny / "features"), output=str(tiny / "o"), max_steps=1))
-    with pytest.raises(ValueError, match="--max-steps N or --epochs N"):
+    with pytest.raises(ValueError, match="--max-steps N, --epochs N or --max-time DURATION"):
         train(TrainOptions(features=str(tiny / "features"), output=str(tiny / "o"), config=str(tiny / "config.json")))
     TransformerConfig(sample_size=8, num_attention_heads=2, attention_head_dim=16, num_layers=2,
                       cross_attention_dim=32, caption_channels=64).save(tiny / "wide.json")

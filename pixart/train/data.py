@@ -37,6 +37,7 @@ FORMAT, VERSION = "pixart-features", 1
 INDEX_KEYS = ("max_length", "caption_dim", "latent_channels", "vae_scale_factor", "scaling_factor", "resolution",
               "model", "encoder")
 OPEN_SHARDS = 256  # shard headers kept parsed by a reader (a random batch touches many; fewer re-parse a header per item)
+CACHE_BYTES = 2 << 30  # items kept in memory once read (~0.5 ms each from disk): small datasets are read once
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], bool]:
@@ -83,7 +84,7 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
 class Features:
     """An extracted features folder: items sorted by id, each read from its shard on demand."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, cache_bytes: int = CACHE_BYTES):
         self.root = Path(root)
         index_path = self.root / "index.json"
         if not index_path.is_file():
@@ -99,6 +100,10 @@ class Features:
                              "run `pixart extract` into it first")
         self.max_length = int(self.index["max_length"])
         self._shards: OrderedDict[str, dict[str, Lazy]] = OrderedDict()
+        # the stored tensors of items already read, until `cache_bytes` are held (then later items are read each time)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._cache_left = cache_bytes
+        self._null_caption: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -135,23 +140,53 @@ class Features:
         mask[:n] = 1
         return padded, mask
 
-    def __getitem__(self, i: int) -> dict:
+    def _stored(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Item i's (caption, mean, std) as stored, from memory or from its shard."""
+        if i in self._cache:
+            return self._cache[i]
         item = self.items[i]
         tensors = self._tensors(item["shard"])
         key = item["id"]
         if f"{key}/caption" not in tensors:
             raise ValueError(f"{self.root / item['shard']} has no tensors of item {key!r}: the features folder is "
                              "damaged; delete the item's line and run `pixart extract` again")
-        caption, mask = self._padded(tensors[f"{key}/caption"]())
-        return {"id": key, "prompt": item["prompt"], "caption": caption, "mask": mask,
-                "mean": tensors[f"{key}/mean"]().float(), "std": tensors[f"{key}/std"]().float()}
+        stored = tuple(tensors[f"{key}/{name}"]() for name in ("caption", "mean", "std"))
+        size = sum(t.numel() * t.element_size() for t in stored)
+        if size <= self._cache_left:
+            self._cache[i], self._cache_left = stored, self._cache_left - size
+        return stored
+
+    def __getitem__(self, i: int) -> dict:
+        stored, mean, std = self._stored(i)
+        caption, mask = self._padded(stored)
+        return {"id": self.items[i]["id"], "prompt": self.items[i]["prompt"], "caption": caption, "mask": mask,
+                "mean": mean.float(), "std": std.float()}
+
+    def batch(self, indices: list[int], length: int, null: list[bool] | None = None) -> dict[str, torch.Tensor]:
+        """Items `indices` stacked: "caption" (B, length, D) float32 zero-padded (cut to `length`), "mask" (B, length)
+        int64, "mean"/"std" (B, C, h, w) float32; where `null[k]` is true, item k's caption is the null one (T5 of "")."""
+        stored = [self._stored(i) for i in indices]
+        null_caption = self._null() if null is not None and any(null) else None
+        captions = [null_caption if null is not None and null[k] else c for k, (c, _, _) in enumerate(stored)]
+        caption = torch.zeros(len(indices), length, captions[0].shape[-1], dtype=torch.float32)
+        mask = torch.zeros(len(indices), length, dtype=torch.int64)
+        for k, c in enumerate(captions):
+            n = min(c.shape[0], length)
+            caption[k, :n], mask[k, :n] = c[:n], 1
+        return {"caption": caption, "mask": mask, "mean": torch.stack([m for _, m, _ in stored]).float(),
+                "std": torch.stack([s for _, _, s in stored]).float()}
 
     def null_caption(self) -> tuple[torch.Tensor, torch.Tensor]:
         """T5's embedding of "" (the caption-dropout target) as ((max_length, D) float32, (max_length,) int64)."""
-        path = self.root / "null.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run `pixart extract` into {self.root} again to write it")
-        return self._padded(lazy_tensors([path])["caption"]())
+        return self._padded(self._null())
+
+    def _null(self) -> torch.Tensor:
+        if self._null_caption is None:
+            path = self.root / "null.safetensors"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: run `pixart extract` into {self.root} again to write it")
+            self._null_caption = lazy_tensors([path])["caption"]()
+        return self._null_caption
 
 
 def epoch_batches(features: Features, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ class TrainOptions:
     batch_size: int = 8  # global, split over the processes
     max_steps: int | None = None
     epochs: int | None = None
+    max_time: float | None = None  # seconds of training in this process: then a checkpoint, the model, and stop
     seed: int = 0
     lr: float = 2e-5
     weight_decay: float = 0.03
@@ -85,8 +87,10 @@ def check_options(o: TrainOptions) -> None:
     """Raise a ValueError naming the first option that cannot work, and how to fix it."""
     if o.model is None and o.config is None:
         raise ValueError("give --model PIPELINE_FOLDER to fine-tune, or --config CONFIG.json to train from scratch")
-    if o.max_steps is None and o.epochs is None:
-        raise ValueError("give --max-steps N or --epochs N: how long to train")
+    if o.max_steps is None and o.epochs is None and o.max_time is None:
+        raise ValueError("give --max-steps N, --epochs N or --max-time DURATION: how long to train")
+    if o.max_time is not None and not o.max_time > 0:
+        raise ValueError(f"--max-time must be a positive duration (90s, 30m, 2h), got {o.max_time} seconds")
     for name in ("batch_size", "max_steps", "epochs", "log_every", "sample_steps"):
         value = getattr(o, name)
         if value is not None and value < 1:
@@ -240,22 +244,20 @@ class Trainer:
         """This rank's share of the batch: clean latents, noise, timesteps and captions (dropped to the null one)."""
         rank, world = dist.rank(), dist.world_size()
         mine = slice(rank, None, world)
-        items = [self.features[i] for i in batch[mine]]
-        mean, std = torch.stack([it["mean"] for it in items]), torch.stack([it["std"] for it in items])
-        shape = (len(batch), *mean.shape[1:])
-        # the whole global batch is drawn on every rank, in this order, so any process count draws the same
         g = self.generator
         t = torch.randint(0, self.schedule.num_timesteps, (len(batch),), generator=g)
         drop = torch.rand(len(batch), generator=g) < self.o.caption_dropout
+        # every caption is cut to the longest of the global batch: the rest is padding, masked out anyway
+        length = max([int(self.null_caption[1].sum())] + [self.features.items[i]["tokens"] for i in batch])
+        items = self.features.batch(batch[mine], length, null=drop[mine].tolist())
+        mean, std = items["mean"], items["std"]
+        shape = (len(batch), *mean.shape[1:])
+        # the whole global batch is drawn on every rank, in this order, so any process count draws the same
         latent_noise = torch.randn(shape, generator=g)
         noise = torch.randn(shape, generator=g)
         x0 = (mean + std * latent_noise[mine]) * self.features.index["scaling_factor"]  # (b, C, h, w)
-        null, null_mask = self.null_caption
-        caption = torch.stack([null if d else it["caption"] for it, d in zip(items, drop[mine])])
-        mask = torch.stack([null_mask if d else it["mask"] for it, d in zip(items, drop[mine])])
-        # every caption is cut to the longest of the global batch: the rest is padding, masked out anyway
-        length = max([int(null_mask.sum())] + [self.features.items[i]["tokens"] for i in batch])
-        moved = {"x0": x0, "noise": noise[mine], "t": t[mine], "caption": caption[:, :length], "mask": mask[:, :length]}
+        caption, mask = items["caption"], items["mask"]
+        moved = {"x0": x0, "noise": noise[mine], "t": t[mine], "caption": caption, "mask": mask}
         return {k: v.to(self.device) for k, v in moved.items()}
 
     def step(self, batch: list[int]) -> dict[str, torch.Tensor]:
@@ -291,7 +293,16 @@ class Trainer:
         count = sum(p.numel() for p in self.params.values())  # a DTensor's numel is the whole tensor's
         dist.print0(f"training {count / 1e6:.1f}M parameters ({mode}, {dist.world_size()} x {self.device}, "
                     f"{str(self.autocast or torch.float32).removeprefix('torch.')}) from step {self.progress.step}")
+        start = monotonic()
         while o.max_steps is None or self.progress.step < o.max_steps:
+            if o.max_time is not None and dist.all_sum(int(monotonic() - start >= o.max_time)):
+                dist.print0(f"--max-time reached at step {self.progress.step}: a checkpoint, then the model")
+                if not (o.checkpoint_every and self.progress.step % o.checkpoint_every == 0):
+                    state = self.state_dict()
+                    if dist.rank() == 0:
+                        save_checkpoint(self.output, self.progress.step, state, o.keep_checkpoints)
+                    dist.barrier()
+                break
             batch = self.next_batch()
             if batch is None:
                 break

@@ -68,8 +68,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        for name, p in self.params.items():
-            self.shadow[name].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+        shadow = [self.shadow[name] for name in self.params]  # one fused kernel per op on GPUs, not two per tensor
+        torch._foreach_mul_(shadow, self.decay)
+        torch._foreach_add_(shadow, [p.detach() for p in self.params.values()], alpha=1 - self.decay)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
