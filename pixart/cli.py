@@ -31,16 +31,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def duration(text: str) -> float:
-    """'90', '90s', '45m', '2h' or '1.5h' -> seconds (argparse type)."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    number, unit = (text[:-1], text[-1]) if text[-1:].lower() in units else (text, "s")
-    try:
-        seconds = float(number) * units[unit.lower()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write 90s, 45m or 2h") from None
+    """'90', '90s', '45m', '2h', '1.5h' or '3h55m' -> seconds (argparse type)."""
+    number = r"(\d+(?:\.\d*)?|\.\d+)"
+    units = {"": 1, "s": 1, "m": 60, "h": 3600}
+    if not re.fullmatch(rf"\s*({number}[hms]?)+\s*", text.lower()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write 90s, 45m, 2h or 3h55m")
+    seconds = sum(float(n) * units[u] for n, u in re.findall(rf"{number}([hms]?)", text.lower()))
     if not seconds > 0:
         raise argparse.ArgumentTypeError(f"{text!r}: the duration must be positive")
     return seconds
+
 
 def lora_option(value: str) -> tuple[str, float]:
     """`FILE[:SCALE]` -> (FILE, SCALE); a colon not followed by a number belongs to the path."""

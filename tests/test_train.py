@@ -133,13 +133,14 @@ def test_max_time_stops_with_a_checkpoint_that_resumes_exactly(tiny, monkeypatch
 def test_max_time_reads_durations_and_refuses_bad_ones(capsys):
     from pixart.cli import duration
 
-    assert [duration(t) for t in ("90", "90s", "45m", "1.5h", "2H")] == [90, 90, 2700, 5400, 7200]
-    for bad in ("soon", "-5m", "0"):
+    assert [duration(t) for t in ("90", "90s", "45m", "1.5h", "2H", "3h55m", "1m30s")] == [
+        90, 90, 2700, 5400, 7200, 14100, 90]
+    for bad in ("soon", "-5m", "0", "5 minutes", "h"):
         with pytest.raises(argparse.ArgumentTypeError, match="duration"):
             duration(bad)
     with pytest.raises(SystemExit):
         main(["train", "features", "-o", "out", "--max-time", "ten minutes"])
-    assert "not a duration: write 90s, 45m or 2h" in capsys.readouterr().err
+    assert "not a duration: write 90s, 45m, 2h or 3h55m" in capsys.readouterr().err
 
 
 def test_resume_refuses_changed_batch_size_and_unasked_restart(tiny, capsys):

@@ -83,7 +83,11 @@ def classify(image: Image.Image | np.ndarray) -> Label:
     Background: the nearest palette colour to the median border pixel. Shape colour: the nearest palette colour
     to the median of the pixels far from the background. The shape's mask holds the pixels closer to that colour
     than to the background (so a blurred edge splits at its middle). A triangle (apex up) has its centroid 2/3
-    of the way down its bounding box; a square fills its box, a circle π/4 of it."""
+    of the way down its bounding box. Otherwise the corners tell a square from a circle: a circle leaves the four
+    corners of its box (the parts well outside the inscribed ellipse) empty, a square fills them; a shape that
+    fills at least 3 of the 4 is a square (one bitten-off corner does not make a square a circle, and one filled
+    corner does not make a circle a square).
+    """
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
     if pixels.max() <= 1.0:  # float images in [0, 1]
         pixels = pixels * 255
@@ -104,10 +108,23 @@ def classify(image: Image.Image | np.ndarray) -> Label:
     # bounds from quantiles, so a few stray pixels do not stretch the box
     top, bottom = np.quantile(rows, [0.002, 0.998])
     left, right = np.quantile(cols, [0.002, 0.998])
-    fill = mask.sum() / ((bottom - top + 1) * (right - left + 1))
     centroid = (rows.mean() - top) / max(bottom - top, 1.0)  # 2/3 for an apex-up triangle, 1/2 for the others
-    shape = "triangle" if centroid > 0.58 else "square" if fill > 0.89 else "circle"
+    shape = "triangle" if centroid > 0.58 else "square" if filled_corners(mask, top, bottom, left, right) >= 3 \
+        else "circle"
     return Label(background, color, shape)
+
+
+def filled_corners(mask: np.ndarray, top: float, bottom: float, left: float, right: float) -> int:
+    """How many of the 4 corners of the box [top, bottom] x [left, right] the mask fills more than half of; a corner
+    is the box's quadrant minus the inscribed ellipse grown by sqrt(1.3) (its blurred edge stays out)."""
+    top, bottom, left, right = (int(round(v)) for v in (top, bottom, left, right))
+    box = mask[top:bottom + 1, left:right + 1]
+    y = ((np.arange(box.shape[0]) + 0.5) / box.shape[0] * 2 - 1)[:, None]  # -1 .. 1 across the box
+    x = ((np.arange(box.shape[1]) + 0.5) / box.shape[1] * 2 - 1)[None, :]
+    outside = x**2 + y**2 > 1.3
+    quadrants = [(y < 0) & (x < 0), (y < 0) & (x >= 0), (y >= 0) & (x < 0), (y >= 0) & (x >= 0)]
+    corners = [outside & q for q in quadrants]
+    return sum(int(c.any() and box[c].sum() > 0.5 * c.sum()) for c in corners)
 
 
 def score(images: list, expected: list[Label]) -> float:
