@@ -38,21 +38,47 @@ def guidance_window(config: SchedulerConfig, interval: tuple[float, float] | Non
     return lambda t: lo < float(noise_levels(config, t.reshape(1))[0]) <= hi
 
 
+def caption_length(mask: torch.Tensor) -> int | None:
+    """How many caption positions the batch needs: up to its last real token; None when nothing can be cut (no
+    padding at the end, or a row without real tokens, whose attention spreads evenly over all the padding)."""
+    real = mask.bool()
+    if not real.any(dim=1).all():
+        return None
+    length = int(real.any(dim=0).nonzero().max()) + 1
+    return length if length < mask.shape[1] else None
+
+
 def model_function(forward: Callable[..., torch.Tensor], state: dict[str, torch.Tensor],
                    conditions: dict[str, torch.Tensor], guidance_scale: float,
-                   guided: Callable[[torch.Tensor], bool] | None, out_channels: int | None) -> ModelFn:
+                   guided: Callable[[torch.Tensor], bool] | None, out_channels: int | None,
+                   trim_captions: bool = True) -> ModelFn:
     """ε(x, t) for the samplers from `forward` (the transformer, or a reuse.StepCache around it).
 
     guided: None without guidance; else state["prompt_embeds"] holds [uncond, cond] rows, and where guided(t) is
     false only the conditional half runs (batch B, not 2B). out_channels: keep that many (ε of a learned-σ model).
+    trim_captions: cut the captions' trailing padding (masked out, so the same result up to rounding, and up to
+    100 of T5's 120 positions less to project and attend to); off for a compiled transformer, whose graphs are
+    made per input shape.
     """
+    lengths: dict[int, tuple[torch.Tensor, int | None]] = {}  # per mask object (a callback may replace it)
+
+    def trimmed(embeds: torch.Tensor, mask: torch.Tensor, full_mask: torch.Tensor):
+        if not trim_captions:
+            return embeds, mask
+        kept = lengths.get(id(full_mask))
+        if kept is None or kept[0] is not full_mask:
+            kept = lengths[id(full_mask)] = (full_mask, caption_length(full_mask))  # read once, not every step
+        n = kept[1]
+        return (embeds, mask) if n is None else (embeds[:, :n], mask[:, :n])
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         embeds, mask, conds = state["prompt_embeds"], state["prompt_attention_mask"], conditions
+        full_mask = mask
         cfg = guided is not None and guided(t)
         if guided is not None and not cfg:  # outside the guidance interval: the conditional half alone
             n = x.shape[0]
             embeds, mask, conds = embeds[n:], mask[n:], {k: v[n:] for k, v in conditions.items()}
+        embeds, mask = trimmed(embeds, mask, full_mask)
         x_in = torch.cat([x, x]) if cfg else x
         out = forward(x_in, t.reshape(-1).expand(x_in.shape[0]).to(x.device), embeds, mask, **conds)
         if cfg:

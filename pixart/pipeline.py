@@ -385,7 +385,8 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
             forward = transformer if threshold is None else StepCache(transformer, threshold, len(steps))
             guided = guidance_window(self.scheduler, interval) if guidance else None
             model_fn = model_function(forward, state, conditions, guidance_scale, guided,
-                                      cfg.in_channels if cfg.learned_sigma else None)
+                                      cfg.in_channels if cfg.learned_sigma else None,
+                                      trim_captions="forward" not in vars(transformer))  # not when compiled
 
             def on_step(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
                 bar.update()
