@@ -6,6 +6,7 @@ process so peak RSS is its own. The random-weight folders are built once under b
 
     python bench/core.py                                  # 256, 512, 1024 steps + 512 decode, machine default dtype
     python bench/core.py --dtype fp32 --sizes 256 512 --repeats 3
+    python bench/core.py --sizes 512 --decode-sizes --interleaved   # both engines in one process, in turn
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -54,7 +56,38 @@ def build_cache() -> None:
 def worker(engine: str, part: str, size: int, dtype_name: str, repeats: int, threads: int, device: str) -> dict:
     """Load one model from the cache with `engine` and time `repeats` calls after a warm-up."""
     torch.set_num_threads(threads)
-    dtype = DTYPES[dtype_name]
+    call = model_call(engine, part, size, DTYPES[dtype_name], device)
+    with torch.inference_mode():
+        times, out = timed(lambda warm_up: call(), repeats, device)
+    assert torch.isfinite(out).all()
+    peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.startswith("cuda"):
+        peak["peak_vram_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return {**times, **peak}
+
+
+def interleaved(part: str, size: int, dtype_name: str, repeats: int, threads: int, device: str) -> dict:
+    """Both engines' models in this one process, called in turn (diffusers, pixart, diffusers, ...) after a warm-up
+    each: the ratio of their medians is free of the drift between two processes run minutes apart."""
+    torch.set_num_threads(threads)
+    calls = {engine: model_call(engine, part, size, DTYPES[dtype_name], device) for engine in ("diffusers", "pixart")}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    wall: dict[str, list[float]] = {engine: [] for engine in calls}
+    with torch.inference_mode():
+        for call in calls.values():
+            call()
+        for _ in range(repeats):
+            for engine, call in calls.items():
+                sync()
+                start = time.perf_counter()
+                call()
+                sync()
+                wall[engine].append(time.perf_counter() - start)
+    return {f"{engine}_seconds": statistics.median(times) for engine, times in wall.items()}
+
+
+def model_call(engine: str, part: str, size: int, dtype: torch.dtype, device: str):
+    """A no-argument call of one transformer step (batch 2) or VAE decode of `engine`'s cached model."""
     latent = size // 8
     g = torch.Generator().manual_seed(0)
     if part == "step":
@@ -88,13 +121,7 @@ def worker(engine: str, part: str, size: int, dtype_name: str, repeats: int, thr
             from diffusers import AutoencoderKL
         model = AutoencoderKL.from_pretrained(CACHE / "vae", torch_dtype=dtype).to(device).eval()
         call = lambda: model.decode(z, return_dict=False)[0]  # noqa: E731
-    with torch.inference_mode():
-        times, out = timed(lambda warm_up: call(), repeats, device)
-    assert torch.isfinite(out).all()
-    peak = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if device.startswith("cuda"):
-        peak["peak_vram_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return {**times, **peak}
+    return call
 
 
 def timed(call, repeats: int, device: str) -> tuple[dict[str, float], object]:
@@ -126,11 +153,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--interleaved", action="store_true", help="both engines in one process, called in turn "
+                        "(steadier ratios; no per-engine peak memory)")
     parser.add_argument("--worker", nargs=3, metavar=("ENGINE", "PART", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         engine, part, size = args.worker
-        print(json.dumps(worker(engine, part, int(size), args.dtype, args.repeats, args.threads, args.device)))
+        run = interleaved if engine == "both" else partial(worker, engine)
+        print(json.dumps(run(part, int(size), args.dtype, args.repeats, args.threads, args.device)))
         return
     build_cache()
     jobs = [("step", s) for s in args.sizes] + [("decode", s) for s in args.decode_sizes]
@@ -138,10 +168,14 @@ def main() -> None:
         result = {"part": part, "size": f"{size}x{size}", "dtype": args.dtype, "device": args.device,
                   "threads": args.threads,
                   "batch": 2 if part == "step" else 1}
-        for engine in ("diffusers", "pixart"):
+        for engine in ("both",) if args.interleaved else ("diffusers", "pixart"):
             cmd = [sys.executable, __file__, "--worker", engine, part, str(size), "--dtype", args.dtype,
                    "--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device]
             out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            if engine == "both":
+                seconds = {f"{e}_s": round(out[f"{e}_seconds"], 3) for e in ("diffusers", "pixart")}
+                result.update(interleaved=True, **seconds)
+                continue
             result[f"{engine}_s"] = round(out["seconds"], 3)
             result.update({f"{engine}_{k}": round(v, 2) for k, v in out.items() if k != "seconds"})
         result["speedup"] = round(result["diffusers_s"] / result["pixart_s"], 3)
