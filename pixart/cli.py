@@ -169,6 +169,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "from scratch (with --model, that folder still gives the text encoder and VAE for samples)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch, split over the processes "
                    "(default %(default)s)")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="N", help="run each process's share "
+                   "of a batch as N micro-batches, one optimizer step after them (the same step; 1/N of the "
+                   "activation memory)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps to train for")
     p.add_argument("--epochs", type=int, default=None, help="passes over the features (with --max-steps: whichever ends first)")
     p.add_argument("--max-time", type=duration, default=None, metavar="DURATION", help="stop after this much "

@@ -143,6 +143,30 @@ def test_max_time_reads_durations_and_refuses_bad_ones(capsys):
     assert "not a duration: write 90s, 45m, 2h or 3h55m" in capsys.readouterr().err
 
 
+def test_gradient_accumulation_takes_the_same_steps_in_micro_batches(tiny, monkeypatch):
+    """Batches of 4 as 4 micro-batches of 1 (activations of 1 item at a time) end where whole batches end, up to
+    float rounding of the summed gradients (the bounds of the two-process test, which sums the same way)."""
+    same = dict(batch_size=4, grad_clip=0.5, warmup_steps=2, max_steps=4, ema_decay=0.5, seed=1)
+    whole_run = run(tiny, "whole", **same)
+    calls, original = [], Trainer._forward_backward
+
+    def counted(self, inputs, global_batch):
+        calls.append(len(inputs["t"]))
+        return original(self, inputs, global_batch)
+
+    monkeypatch.setattr(Trainer, "_forward_backward", counted)
+    micro = run(tiny, "micro", gradient_accumulation_steps=4, **same)
+    assert calls == [1] * 16  # 4 steps of 4 micro-batches of 1
+    a, b = load_file(whole_run / "transformer" / WEIGHTS), load_file(micro / "transformer" / WEIGHTS)
+    for k in a:
+        atol = 1e-3 * 4 if k.endswith("to_k.bias") else 1e-5
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=k)
+    assert [r["loss"] for r in log_records(micro)] == pytest.approx([r["loss"] for r in log_records(whole_run)],
+                                                                     abs=1e-5)
+    with pytest.raises(ValueError, match=r"share of the batch \(4 of --batch-size 4\).*at most 4"):
+        run(tiny, "bad", gradient_accumulation_steps=5, **same)
+
+
 def test_resume_refuses_changed_batch_size_and_unasked_restart(tiny, capsys):
     out = run(tiny, "run", max_steps=2, checkpoint_every=2)
     with pytest.raises(ValueError, match="--resume auto"):
@@ -165,18 +189,20 @@ def test_ema_update_formula_and_swap():
     assert torch.equal(p.detach(), torch.tensor([5.0, -2.0]))
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-accumulate", "fsdp-accumulate"])
 def test_two_processes_match_one(tiny, mode):
-    """torchrun with 2 gloo ranks, each half of every global batch, ends where 1 process ends (DDP or FSDP2)."""
+    """torchrun with 2 gloo ranks, each half of every global batch, ends where 1 process ends (DDP or FSDP2; with
+    gradient accumulation each rank runs its half as 2 micro-batches, exchanging gradients after the second)."""
     args = ["train", str(tiny / "features"), "-o", str(tiny / "two"), "--config", str(tiny / "config.json"),
             "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2", "--grad-clip", "0.5", "--mixed-precision", "no",
             "--device", "cpu", "--max-steps", "4", "--ema-decay", "0.5", "--seed", "1", "--log-every", "1",
-            "--checkpoint-every", "2", *(["--fsdp"] if mode == "fsdp" else [])]
+            "--checkpoint-every", "2", *(["--fsdp"] if mode.startswith("fsdp") else []),
+            *(["--gradient-accumulation-steps", "2"] if mode.endswith("accumulate") else [])]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pixart", *args],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"({mode.upper()}, 2 x cpu, float32)" in done.stdout
+    assert f"({mode.split('-')[0].upper()}, 2 x cpu, float32)" in done.stdout
     same = dict(batch_size=4, grad_clip=0.5, warmup_steps=2, max_steps=4, ema_decay=0.5, seed=1)
     one = run(tiny, "one", **same)
     # one process continuing the 2-process run from its step-2 checkpoint (whole tensors, gathered under FSDP)

@@ -6,6 +6,8 @@ resumes exactly from a checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from time import monotonic
@@ -46,6 +48,7 @@ class TrainOptions:
     model: str | None = None  # a pipeline folder: its transformer is fine-tuned, its other components copied
     config: str | None = None  # a transformer config.json: train from scratch (with --model: its other parts)
     batch_size: int = 8  # global, split over the processes
+    gradient_accumulation_steps: int = 1  # micro-batches each process splits its share into (less memory, same step)
     max_steps: int | None = None
     epochs: int | None = None
     max_time: float | None = None  # seconds of training in this process: then a checkpoint, the model, and stop
@@ -91,7 +94,7 @@ def check_options(o: TrainOptions) -> None:
         raise ValueError("give --max-steps N, --epochs N or --max-time DURATION: how long to train")
     if o.max_time is not None and not o.max_time > 0:
         raise ValueError(f"--max-time must be a positive duration (90s, 30m, 2h), got {o.max_time} seconds")
-    for name in ("batch_size", "max_steps", "epochs", "log_every", "sample_steps"):
+    for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "epochs", "log_every", "sample_steps"):
         value = getattr(o, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -108,6 +111,11 @@ def check_options(o: TrainOptions) -> None:
     if o.batch_size < dist.world_size():
         raise ValueError(f"--batch-size {o.batch_size} is the global batch, split over {dist.world_size()} "
                          "processes: make it at least the number of processes")
+    share = o.batch_size // dist.world_size()
+    if o.gradient_accumulation_steps > share:
+        raise ValueError(f"--gradient-accumulation-steps {o.gradient_accumulation_steps} splits each process's share "
+                         f"of the batch ({share} of --batch-size {o.batch_size}) into micro-batches: make it at most "
+                         f"{share}")
 
 
 def mixed_precision_dtype(o: TrainOptions, device: torch.device) -> torch.dtype | None:
@@ -261,18 +269,18 @@ class Trainer:
         return {k: v.to(self.device) for k, v in moved.items()}
 
     def step(self, batch: list[int]) -> dict[str, torch.Tensor]:
-        """One optimizer step on a global batch; returns this rank's per-item losses."""
+        """One optimizer step on a global batch; returns this rank's per-item losses.
+
+        With --gradient-accumulation-steps N this rank's share runs as N micro-batches, their gradients summed before
+        the ranks exchange them once: the same step as one pass up to float rounding, with 1/N of the activations."""
         o, inputs = self.o, self._inputs(batch)
-        x0, noise, t = inputs["x0"], inputs["noise"], inputs["t"]
-        x_t = self.schedule.add_noise(x0, noise, t)
-        bucket_h, bucket_w = (s * self.features.index["vae_scale_factor"] for s in x0.shape[-2:])
-        conditions = micro_conditions(self.model.config, bucket_h, bucket_w, len(t), self.device, torch.float32)
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            out = self.net(x_t, t, inputs["caption"], inputs["mask"], **conditions)
-        losses = training_losses(self.schedule, out.float(), x0, noise, x_t, t)
-        # DDP and FSDP average the ranks' gradients: scaling by world / B makes that the mean over the global batch
-        loss = losses["loss"].sum() * (dist.world_size() / len(batch))
-        self.scaler.scale(loss).backward()
+        micro = [dict(zip(inputs, parts)) for parts in zip(*(v.tensor_split(o.gradient_accumulation_steps)
+                                                             for v in inputs.values()))]
+        per_item = []
+        for k, part in enumerate(micro):
+            with self._gradient_sync(k == len(micro) - 1):
+                per_item.append(self._forward_backward(part, len(batch)))
+        losses = {key: torch.cat([p[key] for p in per_item]) for key in per_item[0]}
         lr = o.lr * min(1.0, (self.progress.step + 1) / o.warmup_steps) if o.warmup_steps > 0 else o.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -286,6 +294,29 @@ class Trainer:
             self.ema.update()
         self.progress.step += 1
         return {k: v.detach() for k, v in losses.items()}
+
+    def _forward_backward(self, inputs: dict[str, torch.Tensor], global_batch: int) -> dict[str, torch.Tensor]:
+        """Forward and backward of one (micro-)batch of this rank; its per-item losses."""
+        x0, noise, t = inputs["x0"], inputs["noise"], inputs["t"]
+        x_t = self.schedule.add_noise(x0, noise, t)
+        bucket_h, bucket_w = (s * self.features.index["vae_scale_factor"] for s in x0.shape[-2:])
+        conditions = micro_conditions(self.model.config, bucket_h, bucket_w, len(t), self.device, torch.float32)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            out = self.net(x_t, t, inputs["caption"], inputs["mask"], **conditions)
+        losses = training_losses(self.schedule, out.float(), x0, noise, x_t, t)
+        # DDP and FSDP average the ranks' gradients: scaling by world / B makes that the mean over the global batch
+        loss = losses["loss"].sum() * (dist.world_size() / global_batch)
+        self.scaler.scale(loss).backward()
+        return losses
+
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Whether this backward exchanges gradients between the ranks (only the last micro-batch's does)."""
+        if sync or dist.world_size() == 1:
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.model.set_requires_gradient_sync(False)
+            return _restore_gradient_sync(self.model)
+        return self.net.no_sync()
 
     def run(self) -> None:
         o, log = self.o, RunLog(self.output, self.device)
@@ -350,6 +381,14 @@ class Trainer:
             ema = EMA(trainable, self.ema.decay)
             ema.shadow = shadow
         return self._export, ema
+
+
+@contextlib.contextmanager
+def _restore_gradient_sync(model: torch.nn.Module) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
