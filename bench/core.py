@@ -148,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     default_dtype = "bf16" if _native_bf16() else "fp32"
     parser.add_argument("--dtype", choices=list(DTYPES), default=default_dtype)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[256, 512, 1024], help="step sizes (none: no steps)")
     parser.add_argument("--decode-sizes", type=int, nargs="*", default=[512])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
