@@ -29,7 +29,6 @@ from .weights.files import WeightsError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-
 def duration(text: str) -> float:
     """'90', '90s', '45m', '2h', '1.5h' or '3h55m' -> seconds (argparse type)."""
     number = r"(\d+(?:\.\d*)?|\.\d+)"

@@ -193,12 +193,12 @@ def pixart(*args: str, procs: int = 1) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def stage_extract(work: Path, device: str, procs: int) -> None:
-    """A transformer config (extract reads its sample size), then T5 features and VAE posteriors of the dataset."""
+def stage_extract(work: Path, args: argparse.Namespace) -> None:
+    """The transformer's config (extract reads its sample size), then T5 features and VAE posteriors of the dataset."""
     (work / "model" / "transformer").mkdir(exist_ok=True)
-    transformer_config(4, 96, 4).save(work / "model" / "transformer" / "config.json")
-    pixart("extract", work / "data", "--model", work / "model", "-o", work / "features", "--device", device,
-           "--dtype", "fp32", "--quiet", procs=procs)
+    transformer_config(args.patch_size, args.width, args.depth).save(work / "model" / "transformer" / "config.json")
+    pixart("extract", work / "data", "--model", work / "model", "-o", work / "features", "--device", args.device,
+           "--dtype", "fp32", "--quiet", procs=args.procs)
 
 
 def stage_transformer(work: Path, out: Path, args: argparse.Namespace) -> None:
@@ -301,7 +301,7 @@ def main() -> None:
     if "vae" in stages:
         stage_vae(args.work, args.seed, args.vae_steps, args.vae_batch, args.kl_weight, args.device)
     if "extract" in stages:
-        stage_extract(args.work, args.device, args.procs)
+        stage_extract(args.work, args)
     if "transformer" in stages:
         stage_transformer(args.work, args.out, args)
 

@@ -164,8 +164,8 @@ class Features:
 
     def batch(self, indices: list[int], length: int, null: list[bool] | None = None) -> dict[str, torch.Tensor]:
         """Items `indices` stacked: "caption" (B, length, D) float32 zero-padded (cut to `length`), "mask" (B, length)
-        int64, "mean"/"std" (B, C, h, w) float32; where `null[k]` is true, item k's caption is the null one (T5 of
-        "")."""
+        int64, "mean"/"std" (B, C, h, w) float32; where `null[k]` is true, item k's caption is the null one (T5's
+        embedding of the empty prompt)."""
         stored = [self._stored(i) for i in indices]
         null_caption = self._null() if null is not None and any(null) else None
         captions = [null_caption if null is not None and null[k] else c for k, (c, _, _) in enumerate(stored)]
