@@ -28,6 +28,11 @@ def compile_options(device: torch.device, mode: str | None) -> dict[str, Any]:
     return {"dynamic": False, "mode": mode}
 
 
+def is_compiled(module: nn.Module) -> bool:
+    """Whether `compile_model` compiled a method of `module` (its graphs are made per input shape)."""
+    return bool(getattr(module, "compiled_methods", ()))
+
+
 def compile_model(module: nn.Module, device: torch.device, mode: str | None = None,
                   method: str = "forward") -> nn.Module:
     """Compile `module.<method>` in place, for inference (parameter names stay as they are).
@@ -35,6 +40,7 @@ def compile_model(module: nn.Module, device: torch.device, mode: str | None = No
     It compiles on its first call per input shape; later calls of that shape reuse the graph."""
     if method in vars(module):
         raise ValueError(f"{type(module).__name__}.{method} is already compiled")
+    module.compiled_methods = (*getattr(module, "compiled_methods", ()), method)
     prepare_kernels(module)  # what the quantized layers' kernels need, made eagerly: a traced graph cannot
     compiled = torch.compile(getattr(module, method), **compile_options(device, mode))
     if device.type != "cpu":

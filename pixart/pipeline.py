@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bins import classify_height_width_bin, model_bin_table
+from .compile import is_compiled
 from .components import (MODELS, Component, Held, ModelPlacement, choose_memory, component_folders, device_from,
                          is_available, load_scheduler, load_vae, module_device, module_dtype, read_config, running)
 from .configs import SchedulerConfig
@@ -386,7 +387,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
             guided = guidance_window(self.scheduler, interval) if guidance else None
             model_fn = model_function(forward, state, conditions, guidance_scale, guided,
                                       cfg.in_channels if cfg.learned_sigma else None,
-                                      trim_captions="forward" not in vars(transformer))  # not when compiled
+                                      trim_captions=not is_compiled(transformer))
 
             def on_step(i: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
                 bar.update()
