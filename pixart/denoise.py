@@ -60,15 +60,14 @@ def model_function(forward: Callable[..., torch.Tensor], state: dict[str, torch.
     100 of T5's 120 positions less to project and attend to); off for a compiled transformer, whose graphs are
     made per input shape.
     """
-    lengths: dict[int, tuple[torch.Tensor, int | None]] = {}  # per mask object (a callback may replace it)
+    measured: list = [None, None]  # (mask, its caption_length): read once, again only if a callback replaces the mask
 
     def trimmed(embeds: torch.Tensor, mask: torch.Tensor, full_mask: torch.Tensor):
         if not trim_captions:
             return embeds, mask
-        kept = lengths.get(id(full_mask))
-        if kept is None or kept[0] is not full_mask:
-            kept = lengths[id(full_mask)] = (full_mask, caption_length(full_mask))  # read once, not every step
-        n = kept[1]
+        if measured[0] is not full_mask:
+            measured[:] = full_mask, caption_length(full_mask)
+        n = measured[1]
         return (embeds, mask) if n is None else (embeds[:, :n], mask[:, :n])
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

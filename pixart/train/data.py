@@ -131,15 +131,6 @@ class Features:
         self._shards.move_to_end(shard)
         return self._shards[shard]
 
-    def _padded(self, caption: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, D) unmasked tokens -> ((max_length, D) float32 zero-padded, (max_length,) int64 mask)."""
-        n = caption.shape[0]
-        padded = torch.zeros(self.max_length, caption.shape[1], dtype=torch.float32)
-        padded[:n] = caption.float()
-        mask = torch.zeros(self.max_length, dtype=torch.int64)
-        mask[:n] = 1
-        return padded, mask
-
     def _stored(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Item i's (caption, mean, std) as stored, from memory or from its shard."""
         if i in self._cache:
@@ -157,29 +148,24 @@ class Features:
         return stored
 
     def __getitem__(self, i: int) -> dict:
-        stored, mean, std = self._stored(i)
-        caption, mask = self._padded(stored)
-        return {"id": self.items[i]["id"], "prompt": self.items[i]["prompt"], "caption": caption, "mask": mask,
-                "mean": mean.float(), "std": std.float()}
+        """Item i: "id", "prompt", and as `batch` gives them for one item, the caption padded to max_length."""
+        one = {name: t[0] for name, t in self.batch([i], self.max_length).items()}
+        return {"id": self.items[i]["id"], "prompt": self.items[i]["prompt"], **one}
 
     def batch(self, indices: list[int], length: int, null: list[bool] | None = None) -> dict[str, torch.Tensor]:
         """Items `indices` stacked: "caption" (B, length, D) float32 zero-padded (cut to `length`), "mask" (B, length)
         int64, "mean"/"std" (B, C, h, w) float32; where `null[k]` is true, item k's caption is the null one (T5's
         embedding of the empty prompt)."""
         stored = [self._stored(i) for i in indices]
-        null_caption = self._null() if null is not None and any(null) else None
-        captions = [null_caption if null is not None and null[k] else c for k, (c, _, _) in enumerate(stored)]
-        caption = torch.zeros(len(indices), length, captions[0].shape[-1], dtype=torch.float32)
-        mask = torch.zeros(len(indices), length, dtype=torch.int64)
-        for k, c in enumerate(captions):
-            n = min(c.shape[0], length)
-            caption[k, :n], mask[k, :n] = c[:n], 1
+        null = null or [False] * len(indices)
+        caption, mask = padded([self._null() if drop else c for drop, (c, _, _) in zip(null, stored)], length)
         return {"caption": caption, "mask": mask, "mean": torch.stack([m for _, m, _ in stored]).float(),
                 "std": torch.stack([s for _, _, s in stored]).float()}
 
     def null_caption(self) -> tuple[torch.Tensor, torch.Tensor]:
         """T5's embedding of "" (the caption-dropout target) as ((max_length, D) float32, (max_length,) int64)."""
-        return self._padded(self._null())
+        caption, mask = padded([self._null()], self.max_length)
+        return caption[0], mask[0]
 
     def _null(self) -> torch.Tensor:
         if self._null_caption is None:
@@ -188,6 +174,17 @@ class Features:
                 raise FileNotFoundError(f"{path} is missing: run `pixart extract` into {self.root} again to write it")
             self._null_caption = lazy_tensors([path])["caption"]()
         return self._null_caption
+
+
+def padded(captions: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_k, D) unmasked tokens each -> ((B, length, D) float32 zero-padded and cut to `length`, (B, length) int64
+    mask)."""
+    caption = torch.zeros(len(captions), length, captions[0].shape[-1], dtype=torch.float32)
+    mask = torch.zeros(len(captions), length, dtype=torch.int64)
+    for k, c in enumerate(captions):
+        n = min(c.shape[0], length)
+        caption[k, :n], mask[k, :n] = c[:n], 1
+    return caption, mask
 
 
 def epoch_batches(features: Features, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

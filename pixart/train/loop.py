@@ -146,7 +146,7 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (dist.init set it)
         self.autocast = mixed_precision_dtype(o, self.device)
         self.features = Features(o.features)
-        self.null_caption = self.features.null_caption()
+        self.null_tokens = int(self.features.null_caption()[1].sum())  # T5 of "": its unmasked positions
         # a Hub id becomes its local snapshot, with the components this run reads or copies
         wanted = ["transformer", "scheduler"] + (list(OTHER_COMPONENTS) if o.sample_every or not o.lora_rank else [])
         self.source = str(resolve(o.model, components=wanted)) if o.model else None
@@ -256,7 +256,7 @@ class Trainer:
         t = torch.randint(0, self.schedule.num_timesteps, (len(batch),), generator=g)
         drop = torch.rand(len(batch), generator=g) < self.o.caption_dropout
         # every caption is cut to the longest of the global batch: the rest is padding, masked out anyway
-        length = max([int(self.null_caption[1].sum())] + [self.features.items[i]["tokens"] for i in batch])
+        length = max([self.null_tokens] + [self.features.items[i]["tokens"] for i in batch])
         items = self.features.batch(batch[mine], length, null=drop[mine].tolist())
         mean, std = items["mean"], items["std"]
         shape = (len(batch), *mean.shape[1:])
