@@ -266,3 +266,28 @@ def test_sliced_decode_equals_batched_decode(saved):
     batched = vae.decode(z).sample
     vae.enable_slicing()
     torch.testing.assert_close(vae.decode(z).sample, batched, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_equals_nearest_upsample_then_conv(channels_last):
+    """Upsample runs the 3x3 conv as four 2x2 convs over the input; it must equal diffusers' Upsample2D (nearest ×2,
+    then the conv) up to fp32 summation order, on an odd, non-square size, keeping the input's memory format."""
+    from pixart.models.vae import Upsample
+    torch.manual_seed(0)
+    up = Upsample(16)
+    x = torch.randn(2, 16, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    reference = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    out = up(x)
+    assert out.shape == (2, 16, 10, 14)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)  # outputs ~1: fp32 rounding is ~1e-6
+
+    # and its gradients, for training through the decoder
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ours = up.conv.weight.grad.clone()
+    up.conv.weight.grad = None
+    reference.backward(grad)
+    torch.testing.assert_close(ours, up.conv.weight.grad, atol=1e-4, rtol=1e-5)
