@@ -52,9 +52,10 @@ OPTIONS = {
 }
 
 
-def quantization_options(device: str) -> dict[str, tuple[dict, dict]]:
-    """int8 (and fp8 on CUDA) transformers, alone and with the guidance interval and caching."""
-    rows = {}
+def device_options(device: str) -> dict[str, tuple[dict, dict]]:
+    """int8 (and fp8 on CUDA) transformers, alone and with the guidance interval and caching; on CUDA the
+    offloaded pipeline (each model on the GPU only while it runs)."""
+    rows = {"memory-offload": ({"memory": "offload"}, {})} if device.startswith("cuda") else {}
     for q in DYNAMIC_QUANTIZATIONS:
         if q == "int8" or device.startswith("cuda"):
             rows[q] = ({"transformer_quantization": q}, {})
@@ -68,8 +69,8 @@ def load(engine: str, folder: Path, dtype: torch.dtype, device: str, load_kwargs
     skip = {} if demo else {"transformer": None, "vae": None} if part == "text" else {"text_encoder": None,
                                                                                       "tokenizer": None}
     if engine == "pixart":
-        pipe = pixart.PixArtAlphaPipeline.from_pretrained(folder, torch_dtype=dtype, device=device, memory="full",
-                                                          **skip, **load_kwargs)
+        pipe = pixart.PixArtAlphaPipeline.from_pretrained(folder, torch_dtype=dtype, device=device,
+                                                          **skip, **{"memory": "full", **load_kwargs})
     else:
         from diffusers import PixArtAlphaPipeline
 
@@ -95,7 +96,7 @@ def worker(spec: dict) -> dict:
     """One engine and option in this fresh process: time it, save its images to spec["out"] (.npy)."""
     set_threads(spec["threads"])
     device, dtype = spec["device"], DTYPES[spec["dtype"]]
-    load_kwargs, call_kwargs = OPTIONS.get(spec["option"]) or quantization_options(device)[spec["option"]]
+    load_kwargs, call_kwargs = OPTIONS.get(spec["option"]) or device_options(device)[spec["option"]]
     demo = spec["folder"] == str(DEMO_MODEL)
     if spec["engine"] != "pixart":
         # diffusers has no resolution bins for the demo's 128 px (its sample size 16 raises "Invalid sample size")
@@ -198,7 +199,7 @@ def main() -> None:
     names = {v: k for k, v in DTYPES.items()}
     args.dtype = args.dtype or names[default_dtype(args.device)]
     args.baseline_dtype = args.baseline_dtype or ("fp16" if args.device.startswith("cuda") else args.dtype)
-    available = {**OPTIONS, **quantization_options(args.device)}
+    available = {**OPTIONS, **device_options(args.device)}
     options = args.options or list(available)
     unknown = [o for o in options if o not in available]
     if unknown:

@@ -17,6 +17,7 @@ from pixart.cli import main
 from pixart.compile import compile_model, compile_options
 from pixart.configs import TransformerConfig
 from pixart.models.transformer import PixArtTransformer2DModel
+from pixart import quant_dynamic
 from pixart.quant_dynamic import DynamicLinear, DynamicSpec, quantize_rows
 from pixart.weights.files import Lazy
 
@@ -217,3 +218,40 @@ def test_compiled_transformer_equals_eager_and_reuses_its_graph(float_dir, quant
     # fused kernels reorder fp32 sums: 1e-4 of outputs of size ~1
     torch.testing.assert_close(compiled, eager[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(again, eager[1], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_passes_compute_what_the_unfused_ones_do(monkeypatch):
+    """The GPU path fuses the activations' quantization and the product's epilogue with inductor; compiled here on
+    the CPU, they must give the unfused results: the same integers (a rounding tie may land one step away) and
+    scales, and the same epilogue up to bf16 rounding."""
+    monkeypatch.setattr(quant_dynamic, "FUSED", {})
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    x[3] *= 40
+    for format in ("int8", "fp8"):
+        q, sx = quant_dynamic.fused(quantize_rows)(x, format)
+        q_ref, sx_ref = quantize_rows(x, format)
+        assert q.dtype == q_ref.dtype
+        torch.testing.assert_close(sx, sx_ref, rtol=1e-6, atol=0)
+        assert (q.float() - q_ref.float()).abs().max() <= (1 if format == "int8" else 32)  # one step of its grid
+    acc = torch.randint(-2**20, 2**20, (40, 48), dtype=torch.int32)
+    sw, bias = torch.rand(48) / 1000, torch.randn(48)
+    out = quant_dynamic.fused(quant_dynamic.finish_int)(acc, sx_ref, sw, bias, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ((acc.double() * sx_ref * sw) + bias).to(torch.bfloat16), rtol=8e-3, atol=0)
+
+
+def test_fused_falls_back_to_the_plain_function_when_compiling_fails(monkeypatch, caplog):
+    monkeypatch.setattr(quant_dynamic, "FUSED", {})
+
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no Triton here")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    acc = torch.arange(6, dtype=torch.int32).view(2, 3)
+    with caplog.at_level("WARNING", logger="pixart"):
+        out = quant_dynamic.fused(quant_dynamic.finish_int)(acc, torch.ones(2, 1), torch.ones(3), None, torch.float32)
+    torch.testing.assert_close(out, acc.float())
+    assert "fusing finish_int failed (no Triton here)" in caplog.text
+    assert quant_dynamic.FUSED[quant_dynamic.finish_int] is quant_dynamic.finish_int  # not retried on every call
