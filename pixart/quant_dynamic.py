@@ -129,7 +129,8 @@ class DynamicLinear(nn.Module):
         sw = self.scale.float()
         if kernel == "scaled_mm":  # rowwise scales need a bf16 output
             out = torch._scaled_mm(q, self.values().t(), scale_a=sx, scale_b=sw[None], out_dtype=torch.bfloat16)
-            return fuse(finish_scaled)(out, self.bias, x.dtype).view(*x.shape[:-1], N)
+            out = out if self.bias is None else out + self.bias
+            return out.to(x.dtype).view(*x.shape[:-1], N)
         if kernel == "int_mm" and x.is_cuda:
             return fuse(finish_int)(torch._int_mm(q, self.weight.t()), sx, sw, self.bias, x.dtype).view(
                 *x.shape[:-1], N)
@@ -144,12 +145,6 @@ class DynamicLinear(nn.Module):
         out = out.mul_(sx)  # in place: a fresh (M, N) fp32 tensor costs more than the product on a CPU
         out = out if self.bias is None else out.add_(self.bias)
         return out.to(x.dtype).view(*x.shape[:-1], N)
-
-
-def finish_scaled(out: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """A scaled product's bias and cast to the activations' dtype."""
-    out = out if bias is None else out + bias
-    return out.to(dtype)
 
 
 def finish_int(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
