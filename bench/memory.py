@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import subprocess
@@ -32,16 +33,43 @@ CONFIGS = {  # name -> (engine, dtype, memory, text-encoder quantization)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+class StagePeaks(logging.Handler):
+    """Peak RSS per stage of one pixart generation: the stage changes when the pipeline logs that it loads the
+    transformer (encoding done) and the VAE (denoising done); the kernel's peak (VmHWM) is reset at each change."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.stage, self.peaks = "encode", {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message in ("loading transformer", "loading vae"):
+            self.switch("denoise" if message.endswith("transformer") else "decode")
+
+    def switch(self, stage: str | None) -> None:
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        self.peaks[f"{self.stage}_stage_peak_rss_gb"] = round(int(status["VmHWM"].split()[0]) / 2**20, 2)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        self.stage = stage
+
+
 def worker(config: str, size: int, steps: int, dtype_override: str | None) -> dict:
-    """One generation with `config`, in this (fresh) process; returns the seconds it took."""
+    """One generation with `config`, in this (fresh) process; returns the seconds it took and, staged, the peak RSS
+    of each stage."""
     engine, dtype, memory, quant = CONFIGS[config]
     dtype = dtype_override or dtype
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     start = time.perf_counter()
     kwargs = dict(num_inference_steps=steps, height=size, width=size, output_type="np",
                   generator=torch.Generator().manual_seed(0))
+    stages = StagePeaks()
     if engine == "pixart":
         import pixart
+
+        if memory == "staged":  # full mode loads every model up front: no stages to tell apart
+            logging.getLogger("pixart").addHandler(stages)
+            logging.getLogger("pixart").setLevel(logging.INFO)
 
         extra = {"text_encoder_quantization": quant} if quant else {}
         pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_folder(), torch_dtype=DTYPES[dtype], memory=memory, **extra)
@@ -52,7 +80,9 @@ def worker(config: str, size: int, steps: int, dtype_override: str | None) -> di
     pipe.set_progress_bar_config(disable=True)
     image = pipe(PROMPT, **kwargs).images
     assert image.shape == (1, size, size, 3)
-    return {"seconds": round(time.perf_counter() - start, 1), "finite": bool((image == image).all())}
+    if memory == "staged":
+        stages.switch(None)
+    return {"seconds": round(time.perf_counter() - start, 1), "finite": bool((image == image).all()), **stages.peaks}
 
 
 def main() -> None:
@@ -80,6 +110,9 @@ def main() -> None:
         lines = proc.stdout.strip().splitlines()
         if proc.returncode == 0 and lines:
             result.update(json.loads(lines[-1]))
+            # the stage resets clear the peak /usr/bin/time reads as well: the whole run's is the highest stage's
+            stage_peaks = [value for key, value in result.items() if key.endswith("_stage_peak_rss_gb")]
+            result["peak_rss_gb"] = max([result["peak_rss_gb"] or 0, *stage_peaks])
         else:
             own = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("\t")]
             result["error"] = own[-1][:300] if own else "no output"  # the last line that is not /usr/bin/time's

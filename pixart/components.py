@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import json
 import logging
@@ -66,8 +68,28 @@ def release(pipe: Any, name: str) -> None:
     if name in pipe._loaders and pipe._loaded.get(name) is not None:
         pipe._loaded[name] = None
         gc.collect()
+        return_freed_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim): a released stage's memory, freed in
+    many blocks, otherwise stays in the process (measured: 1.2 GB kept after the 1024² denoising stage, counted in
+    the decoding stage's peak). A no-op where the C library has no malloc_trim."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 @contextlib.contextmanager
@@ -83,6 +105,7 @@ def running(pipe: Any, name: str) -> Iterator[Any]:
         if offload:
             module.to("cpu")
             torch.cuda.empty_cache()
+        del module  # the caller's references are gone: release() can free it
         if pipe.memory == "staged":
             release(pipe, name)
 

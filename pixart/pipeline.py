@@ -401,6 +401,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
                 return out.get("latents")
 
             latents = sample(self.scheduler, model_fn, latents, steps, generator=generator, eta=eta, callback=on_step)
+            del transformer, forward, model_fn  # staged: the block's end frees the transformer, before the VAE loads
 
         # 5. Decode and 6. postprocess
         if output_type == "latent":
@@ -430,6 +431,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
             )
         return height, width
 
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1], in the VAE's dtype (latents are cast: diffusers forgets to)."""
         if not is_available(self, "vae"):
