@@ -3,7 +3,8 @@
 Weight-only (T5): stored as plain tensors, so a quantized model saves to safetensors and loads on any device: int8
 weights with one scale per output channel; int4 weights two to a byte with a scale and zero point per group of input
 features. On CPU with bf16/fp16 activations the forward uses torch's fused kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`); elsewhere (fp32 activations, CUDA) it dequantizes one layer and calls `F.linear`.
+`_weight_int4pack_mm_for_cpu`); elsewhere (fp32 activations, CUDA) it dequantizes a few rows of the weight at a time and calls
+`F.linear` on each.
 
 Dynamic (the transformer): in quant_dynamic.py; this module's loading helpers serve both kinds.
 """
@@ -93,6 +94,22 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+PIECE_BYTES = 32 * 2**20  # the most float weight a dequantizing forward makes at once
+
+
+def in_pieces(x: torch.Tensor, out_features: int, weight_rows, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w) (times a per-output `scale`) with w made by `weight_rows(rows)` a few output rows at a time:
+    the float copy of a quantized weight never exists whole (T5-XXL's 10240x4096 wi is 168 MB in fp32, and
+    dequantizing int4 makes three such tensors)."""
+    step = max(1, PIECE_BYTES // (x.shape[-1] * x.element_size()))
+    outs = []
+    for start in range(0, out_features, step):
+        rows = slice(start, min(start + step, out_features))
+        out = F.linear(x, weight_rows(rows))
+        outs.append(out if scale is None else out * scale[rows])
+    return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+
 def _fused_cpu(x: torch.Tensor) -> bool:
     """torch's fused CPU kernels are vectorised for half activations; their fp32 path is far slower than F.linear."""
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
@@ -119,7 +136,8 @@ class Int8Linear(nn.Module):
         x = x.to(self.scale.dtype)  # the layer computes in its scale's dtype (fp32 for T5's wo under fp16)
         if _fused_cpu(x):
             return torch._weight_int8pack_mm(_rows(x), self.weight, self.scale).view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale  # int8 values are exact in bf16 and fp16
+        # int8 values are exact in bf16 and fp16
+        return in_pieces(x, self.out_features, lambda rows: self.weight[rows].to(x.dtype), self.scale)
 
 
 class Int4Linear(nn.Module):
@@ -157,16 +175,17 @@ class Int4Linear(nn.Module):
         q = g.sub_(low[..., None]).div_(scale.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8).view(N, K)
         return {"weight": q[:, 0::2] | (q[:, 1::2] << 4), "scale": scale, "zeros": zeros}
 
-    def unpacked(self) -> torch.Tensor:
-        """The 4-bit values, one per byte: (N, K) in [0, 15]."""
-        return torch.stack([self.weight & 15, self.weight >> 4], -1).view(self.weight.shape[0], -1)
+    def unpacked(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The 4-bit values of `rows`, one per byte: (N, K) in [0, 15]."""
+        weight = self.weight[rows]
+        return torch.stack([weight & 15, weight >> 4], -1).view(weight.shape[0], -1)
 
-    def dequantize(self) -> torch.Tensor:
-        """The float weight (N, K) in fp32."""
-        N = self.weight.shape[0]
-        q = self.unpacked().view(N, -1, self.group_size).float()  # (N, groups, group_size)
-        scale = self.scale.float()[..., None]
-        return torch.addcmul(self.zeros.float()[..., None] - 8 * scale, q, scale).view(N, -1)  # one pass over q
+    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The float weight (N, K), or its `rows`, in fp32."""
+        q = self.unpacked(rows)
+        q = q.view(q.shape[0], -1, self.group_size).float()  # (N, groups, group_size)
+        scale = self.scale[rows].float()[..., None]
+        return torch.addcmul(self.zeros[rows].float()[..., None] - 8 * scale, q, scale).flatten(1)  # one pass over q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.scale.dtype)
@@ -176,7 +195,7 @@ class Int4Linear(nn.Module):
             scales_and_zeros = torch.stack([self.scale, self.zeros], -1).transpose(0, 1).contiguous()  # (G, N, 2)
             out = torch._weight_int4pack_mm_for_cpu(_rows(x), packed, self.group_size, scales_and_zeros)
             return out.view(*x.shape[:-1], -1)
-        return F.linear(x, self.dequantize().to(x.dtype))
+        return in_pieces(x, self.out_features, lambda rows: self.dequantize(rows).to(x.dtype))
 
 
 QUANTIZED = (Int8Linear, Int4Linear, DynamicLinear)

@@ -93,6 +93,27 @@ def test_quantized_linear_rounds_to_nearest_and_computes_with_its_dequantized_we
     torch.testing.assert_close(out.float(), x.to(dtype).float() @ dequantized.t(), atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("make", [lambda: Int8Linear(128, 96), lambda: Int4Linear(128, 96, 32)], ids=["int8", "int4"])
+def test_dequantizing_forward_in_pieces_equals_the_whole_weight(make, monkeypatch):
+    """The fp32 path dequantizes a few output rows at a time (bounded memory): pieces of 10 rows (the last one
+    shorter) give the whole-weight product; each output is the same dot product, so only BLAS blocking can differ."""
+    import pixart.quant as quant
+
+    torch.manual_seed(0)
+    layer = make()
+    for key, t in layer.quantize(torch.randn(96, 128) * 0.05, torch.float32).items():
+        setattr(layer, key, torch.nn.Parameter(t, requires_grad=False))
+    x = torch.randn(3, 5, 128)
+    whole = layer(x)
+    monkeypatch.setattr(quant, "PIECE_BYTES", 10 * 128 * 4)
+    made = []
+    real = F.linear
+    monkeypatch.setattr(quant.F, "linear", lambda x, w, *a: made.append(w.shape[0]) or real(x, w, *a))
+    pieces = layer(x)
+    assert made == [10] * 9 + [6]
+    torch.testing.assert_close(pieces, whole, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_quantized_folder_round_trip_is_bit_exact(float_dir, tmp_path, name):
     fresh = T5EncoderModel.from_pretrained(float_dir, torch_dtype=torch.bfloat16, quantization=SPECS[name])
