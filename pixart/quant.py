@@ -3,8 +3,8 @@
 Weight-only (T5): stored as plain tensors, so a quantized model saves to safetensors and loads on any device: int8
 weights with one scale per output channel; int4 weights two to a byte with a scale and zero point per group of input
 features. On CPU with bf16/fp16 activations the forward uses torch's fused kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`); elsewhere (fp32 activations, CUDA) it dequantizes a few rows of the weight at a time and calls
-`F.linear` on each.
+`_weight_int4pack_mm_for_cpu`); elsewhere (fp32 activations, CUDA) it dequantizes a few rows of the weight at a
+time and calls `F.linear` on each.
 
 Dynamic (the transformer): in quant_dynamic.py; this module's loading helpers serve both kinds.
 """
