@@ -5,7 +5,7 @@ configuration runs one generation in a fresh process under /usr/bin/time -v (pea
 page, file-backed ones included) and prints one JSON line.
 
     python bench/memory.py                                   # 1024², 2 steps, every configuration
-    python bench/memory.py --size 256 --steps 1 --configs pixart-bf16-staged diffusers-bf16
+    python bench/memory.py --size 256 --steps 1 --configs pixart-staged diffusers
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ from folders import pipeline_folder
 
 PROMPT = "A small cactus with a happy face in the Sahara desert."
 CONFIGS = {  # name -> (engine, dtype, memory, text-encoder quantization)
-    "pixart-bf16-full": ("pixart", "bf16", "full", None),
-    "pixart-bf16-staged": ("pixart", "bf16", "staged", None),
+    "pixart-full": ("pixart", "bf16", "full", None),
+    "pixart-staged": ("pixart", "bf16", "staged", None),
     "pixart-int8-staged": ("pixart", "bf16", "staged", "int8"),
     "pixart-int4-staged": ("pixart", "bf16", "staged", "int4"),
-    "diffusers-bf16": ("diffusers", "bf16", None, None),
+    "diffusers": ("diffusers", "bf16", None, None),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
