@@ -173,7 +173,7 @@ def test_released_stages_hand_fragmented_heap_memory_back(pipeline_dir_512, monk
     The effect is measured in a fresh process, whose heap holds no free blocks from earlier tests."""
     out = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True, check=True).stdout
     before, after = (int(pages) * os.sysconf("SC_PAGE_SIZE") for pages in out.split())
-    assert before - after > 128 * 2**20  # 250 MiB were freed (160 MiB measured to leave); without the trim: 0
+    assert before - after > 64 * 2**20  # 250 MiB were freed, 160 MiB measured to leave; without the trim: 0
 
     calls = []
     monkeypatch.setattr(components, "return_freed_memory", lambda: calls.append(1))
