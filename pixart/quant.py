@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +97,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 PIECE_BYTES = 32 * 2**20  # the most float weight a dequantizing forward makes at once
 
 
-def in_pieces(x: torch.Tensor, out_features: int, weight_rows, scale: torch.Tensor | None = None) -> torch.Tensor:
+def in_pieces(x: torch.Tensor, out_features: int, weight_rows: Callable[[slice], torch.Tensor],
+              scale: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w) (times a per-output `scale`) with w made by `weight_rows(rows)` a few output rows at a time:
     the float copy of a quantized weight never exists whole (T5-XXL's 10240x4096 wi is 168 MB in fp32, and
     dequantizing int4 makes three such tensors)."""
