@@ -23,7 +23,7 @@ from .images import png_info
 from .hardware import default_device, default_dtype, set_threads
 from .prompt_cache import PromptCache
 from .quant_dynamic import DYNAMIC_QUANTIZATIONS
-from .reuse import PRESETS, cache_threshold
+from .reuse import PRESETS, cache_setting
 from .weights.files import WeightsError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -221,7 +221,7 @@ def _cache_option(value: str) -> float | str:
     except ValueError:
         cache = value
     try:
-        cache_threshold(cache)
+        cache_setting(cache)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return cache

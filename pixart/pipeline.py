@@ -24,7 +24,7 @@ from .models.t5 import T5EncoderModel
 from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
 from .prompt_cache import PromptCache, fingerprint
-from .reuse import StepCache, cache_threshold
+from .reuse import StepCache, cache_setting
 from .samplers import make_timesteps, randn_tensor, sample
 from .tokenizer import T5Tokenizer, preprocess_prompt, warn_truncated
 from .weights.hub import resolve
@@ -320,15 +320,15 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
         guidance_interval: tuple[float, float] | None = None,
-        cache: float | str | None = None,
+        cache: float | str | tuple[float, int | None] | None = None,
         **kwargs: Any,
     ) -> ImagePipelineOutput | tuple:
         """Generate images for `prompt` (or for precomputed `prompt_embeds`).
 
         Beyond diffusers: guidance_interval=(σ_lo, σ_hi) applies classifier-free guidance only at steps whose noise
         level σ lies in (σ_lo, σ_hi] and skips the unconditional half elsewhere (Kynkäänniemi et al. 2024; e.g.
-        (0.28, 5.42)); cache="fast"/"faster"/"fastest" or a threshold reuses the transformer's work between steps
-        that change little (TeaCache, see pixart.reuse). Both are off by default.
+        (0.28, 5.42)); cache="fast"/"faster"/"fastest", a threshold or (threshold, max_reuse) reuses the transformer's
+        work between steps that change little (TeaCache, see pixart.reuse). Both are off by default.
         """
         kwargs.pop("mask_feature", None)
         if kwargs:
@@ -338,7 +338,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
                              "load it with a transformer to call it")
         if sigmas is not None:
             raise ValueError("custom sigmas are not supported by pixart's samplers: pass timesteps instead")
-        interval, threshold = check_guidance_interval(guidance_interval), cache_threshold(cache)
+        interval, reuse = check_guidance_interval(guidance_interval), cache_setting(cache)
         num_images_per_prompt = num_images_per_prompt or 1
         output_type = output_type or "pil"
         check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, output_type, callback_steps,
@@ -383,7 +383,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         state = {"prompt_embeds": embeds.to(device=device, dtype=dtype), "prompt_attention_mask": mask.to(device)}
 
         with running(self, "transformer") as transformer, self.progress_bar(total=len(steps)) as bar:
-            forward = transformer if threshold is None else StepCache(transformer, threshold, len(steps))
+            forward = transformer if reuse is None else StepCache(transformer, reuse, len(steps))
             guided = guidance_window(self.scheduler, interval) if guidance else None
             model_fn = model_function(forward, state, conditions, guidance_scale, guided,
                                       cfg.in_channels if cfg.learned_sigma else None,

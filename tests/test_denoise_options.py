@@ -9,7 +9,7 @@ import torch
 import pixart
 from pixart.configs import SchedulerConfig
 from pixart.denoise import guidance_window
-from pixart.reuse import PRESETS, cache_threshold
+from pixart.reuse import PRESETS, CacheSetting, cache_setting
 from pixart.samplers import make_timesteps, noise_levels
 
 PROMPT = "a red circle on a white background"
@@ -124,12 +124,30 @@ def test_a_batch_size_change_from_the_guidance_interval_recomputes(pipe):
     assert [i for i, r in enumerate(ran) if r] == [0, 9, 19]
 
 
+def test_a_reuse_limit_recomputes_after_that_many_reused_steps(pipe):
+    # a threshold nothing reaches, so only the limit (and the first and last steps) makes steps run
+    _, once = run_counting(pipe, steps=7, cache=(1e9, 1))
+    _, twice = run_counting(pipe, steps=7, cache=(1e9, 2))
+    assert once == [True, False, True, False, True, False, True]
+    assert twice == [True, False, False, True, False, False, True]
+
+
+def test_presets_limit_reuse_to_one_or_two_steps_in_a_row(pipe):
+    _, ran = run_counting(pipe, cache="fast")
+    assert all(a or b for a, b in zip(ran, ran[1:])), ran  # never two reused steps in a row
+    assert ran.count(False) >= 3, ran  # and it does reuse (the tiny model moves 3-30% per step: 9 of 20 here)
+    assert PRESETS["fast"].max_reuse == PRESETS["faster"].max_reuse == 1 and PRESETS["fastest"].max_reuse == 2
+
+
 def test_presets_and_bad_values():
-    assert cache_threshold("fast") == PRESETS["fast"] and cache_threshold(0.15) == 0.15
-    assert cache_threshold(None) is None and cache_threshold(0) is None
-    for bad, message in (("quick", "not a preset"), (-0.1, "positive threshold"), (True, "positive threshold")):
+    assert cache_setting("fast") == PRESETS["fast"] and cache_setting(0.15) == CacheSetting(0.15, None)
+    assert cache_setting((0.2, 3)) == CacheSetting(0.2, 3) and cache_setting([0.2, None]) == CacheSetting(0.2, None)
+    assert cache_setting(None) is None and cache_setting(0) is None
+    for bad, message in (("quick", "not a preset"), (-0.1, "positive threshold"), (True, "positive threshold"),
+                         ((0.1, 0), "max_reuse"), ((0.1, 1.5), "max_reuse"), ((0.1, True), "max_reuse"),
+                         ((0.1, 1, 2), "positive threshold"), (("fast", 1), "positive threshold")):
         with pytest.raises(ValueError, match=message):
-            cache_threshold(bad)
+            cache_setting(bad)
 
 
 def caption_lengths(pipe, **kwargs) -> list[int]:

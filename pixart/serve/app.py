@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..bins import classify_height_width_bin, model_bin_table
 from ..denoise import check_guidance_interval
-from ..reuse import cache_threshold
+from ..reuse import cache_setting
 from ..samplers import SAMPLERS
 from .worker import SAMPLER_NAMES, ApiError, Job, Metrics, QueueFull, Settings, Worker
 
@@ -161,7 +161,7 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         seed = random.randrange(2**32) if seed is None or seed == -1 else seed
         check(0 <= seed <= 2**63 - n, "seed", seed, "use -1 or null for a random seed, else 0 to 2**63 - n")
         for field, value, parse in (("guidance_interval", guidance_interval, check_guidance_interval),
-                                    ("cache", cache, cache_threshold)):
+                                    ("cache", cache, cache_setting)):
             try:
                 parse(value)
             except ValueError as e:
