@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_kernels
 from .hardware import cpu_has_int8_dot
 
 logger = logging.getLogger("pixart")
@@ -63,7 +64,7 @@ def quantize_rows(x: torch.Tensor, format: str) -> tuple[torch.Tensor, torch.Ten
     """Symmetric per-row quantization of (M, K) floats: the values (M, K) and fp32 scales (M, 1)."""
     qdtype, qmax = FORMATS[format]
     amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)  # no |x| copy
-    scale = amax.clamp_(min=1e-12) / qmax
+    scale = amax.clamp_(min=1e-12) * (1 / qmax)  # what CUDA's `/ qmax` computes, here on every device (Triton's too)
     q = x.float() / scale  # within ±qmax up to a rounding error, which round() and the fp8 cast absorb
     return (q.round_() if format == "int8" else q).to(qdtype), scale
 
@@ -84,6 +85,7 @@ class DynamicLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.kernel: str | None = None
         self.packed: torch.Tensor | None = None  # oneDNN's layout of the weight (CPU), made once
+        self.cast_bias: tuple | None = None  # (the bias, its data_ptr, its bf16 copy) for `_scaled_mm`, made once
 
     def shapes(self, out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
         """The stored tensors' shapes for a float (out_features, in_features) weight."""
@@ -110,14 +112,29 @@ class DynamicLinear(nn.Module):
             self.packed = torch.ops.onednn.qlinear_prepack(self.weight, None)
         return self.packed
 
+    def bf16_bias(self) -> torch.Tensor | None:
+        """The bias as `_scaled_mm` takes it with a bf16 output (bf16), cast once per bias tensor, not per call."""
+        bias = self.bias
+        if bias is None or bias.dtype == torch.bfloat16:
+            return bias
+        if torch.compiler.is_compiling():
+            return bias.to(torch.bfloat16)  # a compiled graph casts it (and holds no state on the module)
+        if self.cast_bias is None or self.cast_bias[0] is not bias or self.cast_bias[1] != bias.data_ptr():
+            self.cast_bias = (bias, bias.data_ptr(), bias.to(torch.bfloat16))  # a move or cast changes data_ptr
+        return self.cast_bias[2]
+
     def _load_from_state_dict(self, *args, **kwargs):
-        self.packed = None  # new weights
+        self.packed = self.cast_bias = None  # new weights
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # (M, K)
         M, N = rows.shape[0], self.out_features
         kernel = self.kernel or dynamic_kernel(self.format, x.device)
+        # one Triton launch quantizes the activations for the GPU kernels (not "reference": e4m3 casts need sm_89, as
+        # `_scaled_mm` does); inside a compiled graph, inductor fuses the plain function instead
+        triton_quantize = (x.is_cuda and kernel != "reference" and not torch.compiler.is_compiling()
+                           and triton_kernels.available(x.device))
         if x.is_cuda and (M <= 16 or rows.shape[1] % 16 or N % 16):
             kernel = "reference"  # cuBLAS int8 / fp8 GEMMs need more than 16 rows and aligned sizes
         # On a GPU the int8 GEMM's element-wise passes (quantizing the activations; scaling, bias and cast of its
@@ -125,11 +142,11 @@ class DynamicLinear(nn.Module):
         # int8 linears take 2.1 ms fused against 4.1 unfused (bf16: 0.5). fp8's fewer passes are faster unfused
         # (2.0 ms against 3.2: the fused reduction is slow, and each compiled call costs ~0.1 ms of host time).
         fuse = fused if x.is_cuda and kernel == "int_mm" else unfused
-        q, sx = fuse(quantize_rows)(rows, self.format)
+        q, sx = (triton_kernels.quantize_rows if triton_quantize else fuse(quantize_rows))(rows, self.format)
         sw = self.scale.float()
-        if kernel == "scaled_mm":  # rowwise scales need a bf16 output
-            out = torch._scaled_mm(q, self.values().t(), scale_a=sx, scale_b=sw[None], out_dtype=torch.bfloat16)
-            out = out if self.bias is None else out + self.bias
+        if kernel == "scaled_mm":  # rowwise scales need a bf16 output, and then a bf16 bias
+            out = torch._scaled_mm(q, self.values().t(), scale_a=sx, scale_b=sw[None], bias=self.bf16_bias(),
+                                   out_dtype=torch.bfloat16)
             return out.to(x.dtype).view(*x.shape[:-1], N)
         if kernel == "int_mm" and x.is_cuda:
             return fuse(finish_int)(torch._int_mm(q, self.weight.t()), sx, sw, self.bias, x.dtype).view(
