@@ -54,12 +54,15 @@ OPTIONS = {
 
 def device_options(device: str) -> dict[str, tuple[dict, dict]]:
     """int8 (and fp8 on CUDA) transformers, alone, with caching, and with the guidance interval and caching; on CUDA
-    the offloaded pipeline (each model on the GPU only while it runs)."""
-    rows = {"memory-offload": ({"memory": "offload"}, {})} if device.startswith("cuda") else {}
+    the offloaded pipeline (each model on the GPU only while it runs) and CUDA graphs (default and quantized)."""
+    rows = {"memory-offload": ({"memory": "offload"}, {}), "cuda-graphs": ({}, {"cuda_graphs": True})} \
+        if device.startswith("cuda") else {}
     for q in DYNAMIC_QUANTIZATIONS:
         if q == "int8" or device.startswith("cuda"):
             rows[q] = ({"transformer_quantization": q}, {})
             rows[f"{q}+cache-fast"] = ({"transformer_quantization": q}, {"cache": "fast"})
+            if device.startswith("cuda"):
+                rows[f"{q}+cuda-graphs"] = ({"transformer_quantization": q}, {"cuda_graphs": True})
             rows[f"{q}+interval+cache-fast"] = ({"transformer_quantization": q},
                                                 {"guidance_interval": INTERVAL, "cache": "fast"})
     return rows

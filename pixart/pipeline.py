@@ -16,6 +16,7 @@ from .compile import is_compiled
 from .components import (MODELS, Component, Held, ModelPlacement, choose_memory, component_folders, device_from,
                          is_available, load_scheduler, load_vae, module_device, module_dtype, read_config, running)
 from .configs import SchedulerConfig
+from .cuda_graphs import GraphedForward
 from .denoise import check_guidance_interval, guidance_window, model_function
 from .images import ImageProcessor, resize_and_crop_tensor
 from .inputs import check_call, micro_conditions, per_image
@@ -321,6 +322,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
         guidance_interval: tuple[float, float] | None = None,
         cache: float | str | tuple[float, int | None] | None = None,
+        cuda_graphs: bool = False,
         **kwargs: Any,
     ) -> ImagePipelineOutput | tuple:
         """Generate images for `prompt` (or for precomputed `prompt_embeds`).
@@ -329,6 +331,8 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         level σ lies in (σ_lo, σ_hi] and skips the unconditional half elsewhere (Kynkäänniemi et al. 2024; e.g.
         (0.28, 5.42)); cache="fast"/"faster"/"fastest", a threshold or (threshold, max_reuse) reuses the transformer's
         work between steps that change little (TeaCache, see pixart.reuse). Both are off by default.
+        cuda_graphs=True replays the transformer's steps as CUDA graphs (pixart.cuda_graphs): the same images, without
+        the host's launch time per kernel; for an eager transformer on a GPU, not with cache=.
         """
         kwargs.pop("mask_feature", None)
         if kwargs:
@@ -339,6 +343,11 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         if sigmas is not None:
             raise ValueError("custom sigmas are not supported by pixart's samplers: pass timesteps instead")
         interval, reuse = check_guidance_interval(guidance_interval), cache_setting(cache)
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        if cuda_graphs and reuse is not None:
+            raise ValueError("cuda_graphs=True does not combine with cache=: the cache decides each step on the host "
+                             "from the previous one; choose one of them")
         num_images_per_prompt = num_images_per_prompt or 1
         output_type = output_type or "pil"
         check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, output_type, callback_steps,
@@ -384,6 +393,8 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
 
         with running(self, "transformer") as transformer, self.progress_bar(total=len(steps)) as bar:
             forward = transformer if reuse is None else StepCache(transformer, reuse, len(steps))
+            if cuda_graphs and not is_compiled(transformer):  # a compiled one has its own ("reduce-overhead")
+                forward = GraphedForward(transformer)
             guided = guidance_window(self.scheduler, interval) if guidance else None
             model_fn = model_function(forward, state, conditions, guidance_scale, guided,
                                       cfg.in_channels if cfg.learned_sigma else None,
