@@ -90,6 +90,16 @@ def test_speed_options_reach_the_pipeline_and_are_recorded(pipeline_dir_512, tmp
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
 
 
+def test_cuda_graphs_flag_reaches_the_pipeline_and_is_checked_against_cache(pipeline_dir_512, tmp_path, capsys):
+    out = tmp_path / "graphs.png"
+    common = ["generate", "artistic", "--model", str(pipeline_dir_512), "-o", str(out), "--seed", "2", "--steps", "2",
+              "--width", "128", "--height", "128", "--no-binning", "--dtype", "fp32", "--quiet", "--cuda-graphs"]
+    assert main(common) == 0  # on a CPU the steps run eagerly: the option is recorded and changes nothing
+    assert json.loads(Image.open(out).text["parameters"])["cuda_graphs"] is True
+    assert main(common + ["--cache", "fast"]) != 0
+    assert "does not combine with cache" in capsys.readouterr().err
+
+
 def test_bad_cache_value_exits_with_usage(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "x", "--model", "m", "--cache", "quick"])
