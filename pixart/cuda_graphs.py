@@ -50,7 +50,8 @@ class GraphedForward:
                 self.failed = True
                 return self.forward(*args, **kwargs)
         graph, static_args, static_kwargs, out = self.graphs[key]
-        for static, value in zip((*static_args, *static_kwargs.values()), (*args, *kwargs.values())):
+        statics = [*zip(static_args, args), *((static_kwargs[k], v) for k, v in kwargs.items())]  # by name
+        for static, value in statics:
             if isinstance(static, torch.Tensor):
                 static.copy_(value)
         graph.replay()

@@ -331,8 +331,8 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         level σ lies in (σ_lo, σ_hi] and skips the unconditional half elsewhere (Kynkäänniemi et al. 2024; e.g.
         (0.28, 5.42)); cache="fast"/"faster"/"fastest", a threshold or (threshold, max_reuse) reuses the transformer's
         work between steps that change little (TeaCache, see pixart.reuse). Both are off by default.
-        cuda_graphs=True replays the transformer's steps as CUDA graphs (pixart.cuda_graphs): the same images, without
-        the host's launch time per kernel; for an eager transformer on a GPU, not with cache=.
+        cuda_graphs=True replays the transformer's steps as CUDA graphs (pixart.cuda_graphs): the same images up to
+        float rounding, without the host's launch time per kernel; for an eager transformer on a GPU, not with cache=.
         """
         kwargs.pop("mask_feature", None)
         if kwargs:

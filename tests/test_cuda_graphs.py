@@ -72,6 +72,18 @@ def test_a_failed_capture_runs_eagerly_from_then_on(caplog):
     assert graphed.failed and "capturing a CUDA graph" in caplog.text
 
 
+@torch.no_grad()
+def test_keyword_inputs_are_copied_by_name_whatever_their_order():
+    graphed = OnCpu(lambda x, *, a, b: x * a + b)
+    graphed.capture = lambda args, kwargs: (
+        lambda static, skw, out: (Replay(lambda x: graphed.inner(x, **skw), static, out), static, skw, out))(
+        [args[0].clone()], {k: v.clone() for k, v in kwargs.items()}, torch.empty_like(args[0]))
+    x, one, two = torch.ones(2), torch.tensor(1.0), torch.tensor(2.0)
+    graphed(x, a=one, b=two)
+    graphed(x, a=one, b=two)  # captured
+    assert graphed(x, b=one, a=two).tolist() == [3.0, 3.0]  # a = 2, b = 1: not swapped by position
+
+
 def test_signature_tells_shapes_dtypes_and_values_apart():
     a, b = torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.float16)
     assert signature((a,), {"m": a}) == signature((torch.ones(2, 3),), {"m": a})
