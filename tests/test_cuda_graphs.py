@@ -78,10 +78,10 @@ def test_keyword_inputs_are_copied_by_name_whatever_their_order():
     graphed.capture = lambda args, kwargs: (
         lambda static, skw, out: (Replay(lambda x: graphed.inner(x, **skw), static, out), static, skw, out))(
         [args[0].clone()], {k: v.clone() for k, v in kwargs.items()}, torch.empty_like(args[0]))
-    x, one, two = torch.ones(2), torch.tensor(1.0), torch.tensor(2.0)
+    x, one, two = torch.full((2,), 3.0), torch.tensor(1.0), torch.tensor(2.0)
     graphed(x, a=one, b=two)
     graphed(x, a=one, b=two)  # captured
-    assert graphed(x, b=one, a=two).tolist() == [3.0, 3.0]  # a = 2, b = 1: not swapped by position
+    assert graphed(x, b=one, a=two).tolist() == [7.0, 7.0]  # 3·2 + 1; swapped by position it would be 3·1 + 2
 
 
 def test_signature_tells_shapes_dtypes_and_values_apart():
