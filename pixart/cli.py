@@ -2,24 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import random
 import re
 import sys
-import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from PIL.PngImagePlugin import PngInfo
-from tqdm.auto import tqdm
 
 from . import dist
 from .compile import COMPILE_MODES
 from .components import MEMORY_MODES
-from .images import png_info
 from .hardware import default_device, default_dtype, set_threads
 from .prompt_cache import PromptCache
 from .quant_dynamic import DYNAMIC_QUANTIZATIONS
@@ -27,6 +19,8 @@ from .reuse import PRESETS, cache_setting
 from .weights.files import WeightsError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LINE_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": (int, float),
+             "width": int, "height": int, "n": int}
 
 
 def duration(text: str) -> float:
@@ -265,213 +259,13 @@ def load_pipeline(args: argparse.Namespace):
     return pipe.compile(args.compile_mode) if args.compile else pipe  # after LoRAs: compiling freezes the weights
 
 
-LINE_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": (int, float),
-             "width": int, "height": int, "n": int}
-
-
-@dataclass(frozen=True)
-class Job:
-    """One image to generate: its place in the run and its settings."""
-    index: int
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    guidance: float
-    width: int | None
-    height: int | None
-
-
-def read_prompts(path: Path) -> list[dict]:
-    """The prompts file as one dict per non-blank line: plain text is a prompt, a `{...}` line JSON settings."""
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
-    entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        line = line.strip()
-        if line and not line.startswith("{"):
-            entries.append({"prompt": line})
-        elif line:
-            entries.append(_json_line(line, f"{path}, line {number}"))
-    if not entries:
-        raise ValueError(f"prompts file {path} has no prompts")
-    return entries
-
-
-def _json_line(line: str, where: str) -> dict:
-    """One JSONL line of settings, checked key by key."""
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-    unknown = sorted(set(entry) - set(LINE_KEYS))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(LINE_KEYS)})")
-    for key, value in entry.items():
-        if not isinstance(value, LINE_KEYS[key]) or isinstance(value, bool):
-            kind = {str: "a string", int: "an integer"}.get(LINE_KEYS[key], "a number")
-            raise ValueError(f"{where}: {key} must be {kind}, got {value!r}")
-    if not entry.get("prompt", "").strip():
-        raise ValueError(f"{where}: needs a non-empty \"prompt\"")
-    for key in ("steps", "n"):
-        if entry.get(key, 1) < 1:
-            raise ValueError(f"{where}: {key} must be at least 1, got {entry[key]}")
-    return entry
-
-
-def plan(entries: list[dict], args: argparse.Namespace, base_seed: int) -> list[Job]:
-    """Every image of the run in order: image i gets seed base_seed + i, or seed + j of its line's own seed."""
-    jobs = []
-    for entry in entries:
-        for j in range(entry.get("n", args.num_images)):
-            jobs.append(Job(
-                index=len(jobs), prompt=entry["prompt"], negative_prompt=entry.get("negative_prompt", args.negative_prompt),
-                seed=entry["seed"] + j if "seed" in entry else base_seed + len(jobs), steps=entry.get("steps", args.steps),
-                guidance=float(entry.get("guidance", args.guidance)), width=entry.get("width", args.width),
-                height=entry.get("height", args.height),
-            ))
-    return jobs
-
-
-def batches(jobs: list[Job], size: int) -> list[list[Job]]:
-    """Jobs that can share a pipeline call (same steps, guidance and size) in runs of at most `size`, in index order."""
-    groups: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        groups.setdefault((job.steps, job.guidance, job.width, job.height), []).append(job)
-    return sorted((g[k:k + size] for g in groups.values() for k in range(0, len(g), size)), key=lambda b: b[0].index)
-
-
-def generate(args: argparse.Namespace) -> list[Path]:
-    """Load the pipeline, generate this rank's share of the images, and write PNGs with their settings in a text chunk.
-
-    Batches are formed from the whole run before rank r takes batches r, r + world, ...: a batch holds the same
-    images whatever the number of processes, so (at equal threads per process) every file comes out the same.
-    """
-    jobs, paths = _plan_run(args)
-    from_file = args.prompts is not None
-    with dist.session():
-        started = time.perf_counter()
-        pipe = load_pipeline(args)
-        loaded = time.perf_counter()
-        default_size = pipe.default_size
-        jobs = [replace(j, width=j.width or default_size, height=j.height or default_size) for j in jobs]
-        mine = batches(jobs, args.batch_size or (1 if from_file else args.num_images))[dist.rank()::dist.world_size()]
-        # Resume: a batch is skipped only when all of it exists; rerunning a partial one keeps its images bit-identical
-        mine = [b for b in mine if not (from_file and all(paths[j.index].exists() for j in b))]
-        written = dist.all_sum(_generate_batches(pipe, mine, paths, args, skip_existing=from_file))
-        dist.barrier()
-        summary = f"generated {written} image(s)"
-        if from_file:
-            summary += f" ({len(jobs) - written} already there; manifest {args.outdir / 'manifest.jsonl'})"
-            if dist.rank() == 0:
-                _write_manifest(args.outdir / "manifest.jsonl", jobs, paths, args.model, pipe.dtype,
-                                speed_options(args))
-        processes = f" x {dist.world_size()} processes" if dist.world_size() > 1 else ""
-        dist.print0(f"loaded in {loaded - started:.1f} s, {summary} in {time.perf_counter() - loaded:.1f} s on "
-                    f"{pipe.device}{processes} in {str(pipe.dtype).removeprefix('torch.')}", file=sys.stderr)
-    return paths
-
-
-def _generate_batches(pipe, mine: list[list[Job]], paths: list[Path], args: argparse.Namespace,
-                      skip_existing: bool) -> int:
-    """Run each batch as one pipeline call with a CPU generator per image; write its PNGs; return how many."""
-    quiet = args.quiet or dist.rank() != 0
-    pipe.set_progress_bar_config(disable=quiet or skip_existing)  # many prompts: one bar over images, not steps
-    bar = tqdm(total=sum(map(len, mine)), unit="image", disable=quiet or not skip_existing)
-    written = 0
-    for batch in mine:
-        first = batch[0]
-        images = pipe(
-            [j.prompt for j in batch], negative_prompt=[j.negative_prompt for j in batch],
-            num_inference_steps=first.steps, guidance_scale=first.guidance, height=first.height, width=first.width,
-            generator=[torch.Generator("cpu").manual_seed(j.seed) for j in batch],
-            clean_caption=not args.no_clean_caption, use_resolution_binning=not args.no_binning,
-            max_sequence_length=args.max_sequence_length, **speed_options(args),
-        ).images
-        for job, image in zip(batch, images):
-            path = paths[job.index]
-            if skip_existing and path.exists():
-                continue
-            _save_atomic(image, path, png_info(_settings(job, args.model, pipe.dtype, speed_options(args))))
-            written += 1
-            if not skip_existing:
-                print(f"wrote {path} (seed {job.seed})")
-        bar.update(len(batch))
-    bar.close()
-    return written
-
-
-def _plan_run(args: argparse.Namespace) -> tuple[list[Job], list[Path]]:
-    """The run's images and their output paths, from the prompt or the prompts file; bad arguments raise here."""
-    for flag, value in (("--steps", args.steps), ("-n/--n", args.num_images), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
-    if (args.prompt is None) == (args.prompts is None):
-        raise ValueError("give either a prompt or --prompts FILE" if args.prompt is None
-                         else "give either a prompt or --prompts FILE, not both")
-    if args.prompts is None:
-        if args.outdir is not None:
-            raise ValueError("--outdir goes with --prompts FILE; for one prompt, name the file with -o")
-        output = Path(args.output)
-        if output.suffix.lower() != ".png":
-            raise ValueError(f"--output must be a .png path, got {output}")
-        if not output.parent.exists():
-            raise FileNotFoundError(f"the folder of --output ({output.parent}) does not exist: create it first")
-        if args.seed is None and "WORLD_SIZE" in os.environ:
-            raise ValueError("under torchrun, give --seed: each process would draw its own random one")
-        jobs = plan([{"prompt": args.prompt}], args, args.seed if args.seed is not None else random.randrange(2**32))
-        paths = [output] if len(jobs) == 1 else [output.with_name(f"{output.stem}-{i}.png") for i in range(len(jobs))]
-        return jobs, paths
-    if args.outdir is None:
-        raise ValueError("--prompts needs --outdir DIR for the images")
-    jobs = plan(read_prompts(args.prompts), args, args.seed or 0)
-    try:
-        args.outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"cannot create --outdir {args.outdir}: {e.strerror or e}") from None
-    if not os.access(args.outdir, os.W_OK):
-        raise OSError(f"cannot write to --outdir {args.outdir}: permission denied")
-    return jobs, [args.outdir / f"{j.index:05d}-{_slug(j.prompt)}.png" for j in jobs]
-
-
-def _slug(prompt: str) -> str:
-    """A file-name-safe start of the prompt."""
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:40].strip("-") or "image"
-
-
-def _settings(job: Job, model: str, dtype: torch.dtype, options: dict) -> dict:
-    """What the PNG's `parameters` chunk and the manifest record of an image."""
-    return {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
-            "guidance": job.guidance, "width": job.width, "height": job.height, "model": str(model),
-            "dtype": str(dtype).removeprefix("torch."), **options}
-
-
-def _write_manifest(path: Path, jobs: list[Job], paths: list[Path], model: str, dtype: torch.dtype,
-                    options: dict) -> None:
-    """One JSON line per image, in index order, written whole (temp file + rename)."""
-    lines = [json.dumps({"file": paths[j.index].name, "index": j.index, **_settings(j, model, dtype, options)})
-             for j in jobs]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _save_atomic(image, path: Path, info: PngInfo) -> None:
-    """Write next to the target, then rename: a full disk never leaves a half-written PNG behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"could not write {path}: {e.strerror or e} (free some disk space or choose another -o)") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "generate":
+            from .generate import generate
+
             generate(args)
         elif args.command == "extract":
             from .train.extract import Options, extract
