@@ -64,10 +64,9 @@ class StepCache:
     One instance serves one sampling run of `num_steps` calls; the first and last steps always run in full.
     """
 
-    def __init__(self, model: Any, setting: CacheSetting | float, num_steps: int):
+    def __init__(self, model: Any, setting: CacheSetting, num_steps: int):
         if not hasattr(model, "run_blocks"):
             raise ValueError(f"cache= needs pixart's PixArtTransformer2DModel, not {type(model).__name__}")
-        setting = setting if isinstance(setting, CacheSetting) else CacheSetting(setting)
         self.model, self.threshold, self.max_reuse, self.num_steps = model, *setting, num_steps
         self.step = 0
         self.reused = 0  # steps in a row that reused the residual
