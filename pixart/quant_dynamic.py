@@ -20,6 +20,7 @@ logger = logging.getLogger("pixart")
 
 # format -> (the dtype of its values, the largest value)
 FORMATS = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
+CPU_CHUNK_BYTES = 4 << 20  # quantize_rows's fp32 temporaries on a CPU: a few MB, reused by the allocator
 
 
 def per_channel(w: torch.Tensor, dtype: torch.dtype, format: str, qmax: float) -> dict[str, torch.Tensor]:
@@ -63,10 +64,24 @@ def weight_max(format: str, device: torch.device) -> float:
 def quantize_rows(x: torch.Tensor, format: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row quantization of (M, K) floats: the values (M, K) and fp32 scales (M, 1)."""
     qdtype, qmax = FORMATS[format]
-    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)  # no |x| copy
+    # max |x| as max(max x, −min x): two vectorised reductions and no |x| copy; on a CPU 10× faster than
+    # vector_norm(x, inf) at (512, 4608), and the same value (NaN propagates in both)
+    amax = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg()).float()
     scale = amax.clamp_(min=1e-12) * (1 / qmax)  # what CUDA's `/ qmax` computes, here on every device (Triton's too)
-    q = x.float() / scale  # within ±qmax up to a rounding error, which round() and the fp8 cast absorb
-    return (q.round_() if format == "int8" else q).to(qdtype), scale
+
+    def values(rows: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        q = rows.float() / scales  # within ±qmax up to a rounding error, which round() and the fp8 cast absorb
+        return (q.round_() if format == "int8" else q).to(qdtype)
+
+    if x.device.type != "cpu" or x.numel() * 4 <= CPU_CHUNK_BYTES or torch.compiler.is_compiling():  # (fused there)
+        return values(x, scale), scale
+    # A large fp32 temporary costs a CPU more than the division: glibc maps allocations over 32 MB afresh and the
+    # kernel zero-fills every page (at 512², fc2's (2048, 4608) input: 32 ms whole, 9 ms in 4 MB pieces).
+    q = torch.empty(x.shape, dtype=qdtype)
+    step = max(1, CPU_CHUNK_BYTES // (4 * x.shape[-1]))
+    for i in range(0, x.shape[0], step):
+        q[i:i + step] = values(x[i:i + step], scale[i:i + step])
+    return q, scale
 
 
 class DynamicLinear(nn.Module):

@@ -83,6 +83,26 @@ def test_every_kernel_computes_the_reference_formula(format, kernels):
         torch.testing.assert_close(layer(x), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("format", ["int8", "fp8"])
+def test_quantize_rows_in_pieces_equals_whole_and_the_formula(format, monkeypatch):
+    """A CPU tensor over CPU_CHUNK_BYTES is quantized a few rows at a time: the same values and scales."""
+    torch.manual_seed(0)
+    x = torch.randn(37, 96) * torch.logspace(-3, 2, 37)[:, None]  # rows of very different loudness
+    x[5, 7], x[9, 3] = 1e3, -2e3  # the largest magnitude negative in one row
+    whole = quantize_rows(x, format)
+    monkeypatch.setattr(quant_dynamic, "CPU_CHUNK_BYTES", 4 * 96 * 5)  # 5 rows per piece, the last one shorter
+    pieces = quantize_rows(x, format)
+    (q_whole, s_whole), (q_pieces, s_pieces) = whole, pieces
+    assert q_pieces.dtype == q_whole.dtype and torch.equal(q_pieces.view(torch.uint8), q_whole.view(torch.uint8))
+    assert torch.equal(s_pieces, s_whole)
+    qdtype, qmax = quant_dynamic.FORMATS[format]
+    scale = x.abs().amax(-1, keepdim=True) * (1 / qmax)
+    assert torch.equal(whole[1], scale)
+    assert whole[0].float().abs().amax(-1).eq(qmax).all()  # each row's largest magnitude maps to ±qmax
+    formula = (x / scale).round() if format == "int8" else (x / scale).to(qdtype).float()
+    assert torch.equal(whole[0].float(), formula)
+
+
 def test_onednn_kernel_without_vnni_refuses_full_range_weights():
     layer = DynamicSpec("int8", 127.0).linear(32, 16, bias=False)
     layer.weight = torch.nn.Parameter(torch.full((16, 32), 127, dtype=torch.int8), requires_grad=False)
