@@ -26,7 +26,7 @@ from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
 from .prompt_cache import PromptCache, fingerprint
 from .reuse import StepCache, cache_setting
-from .samplers import make_timesteps, randn_tensor, sample
+from .samplers import make_timesteps, noise_levels, randn_tensor, sample
 from .tokenizer import T5Tokenizer, preprocess_prompt, warn_truncated
 from .weights.hub import resolve
 
@@ -293,6 +293,10 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
     # The whole generation
 
     @torch.no_grad()
+    def _noise_level(self, t: torch.Tensor) -> float:
+        """σ of the (batch of equal) timestep t under this pipeline's scheduler."""
+        return float(noise_levels(self.scheduler, t.reshape(-1)[:1])[0])
+
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -392,7 +396,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         state = {"prompt_embeds": embeds.to(device=device, dtype=dtype), "prompt_attention_mask": mask.to(device)}
 
         with running(self, "transformer") as transformer, self.progress_bar(total=len(steps)) as bar:
-            forward = transformer if reuse is None else StepCache(transformer, reuse, len(steps))
+            forward = transformer if reuse is None else StepCache(transformer, reuse, len(steps), self._noise_level)
             if cuda_graphs and not is_compiled(transformer):  # a compiled one has its own ("reduce-overhead")
                 forward = GraphedForward(transformer)
             guided = guidance_window(self.scheduler, interval) if guidance else None

@@ -132,20 +132,55 @@ def test_a_reuse_limit_recomputes_after_that_many_reused_steps(pipe):
     assert twice == [True, False, False, True, False, False, True]
 
 
-def test_presets_limit_reuse_to_one_or_two_steps_in_a_row(pipe):
+def window_schedule(steps: int, window: tuple[float, float], max_reuse: int) -> list[bool]:
+    """Which steps run the blocks under a window setting without a threshold, worked out from the σ of each step:
+    the first and last steps and every step with σ in the window run; elsewhere a step is reused unless max_reuse
+    steps in a row already were."""
+    sigmas = noise_levels(SchedulerConfig(), make_timesteps(SchedulerConfig(), steps)).tolist()
+    ran, in_a_row = [], 0
+    for i, sigma in enumerate(sigmas):
+        run = i in (0, steps - 1) or window[0] < sigma <= window[1] or in_a_row == max_reuse
+        in_a_row = 0 if run else in_a_row + 1
+        ran.append(run)
+    return ran
+
+
+def test_fast_reuses_every_other_step_outside_the_noise_window_and_none_inside(pipe):
     _, ran = run_counting(pipe, cache="fast")
-    assert all(a or b for a, b in zip(ran, ran[1:])), ran  # never two reused steps in a row
-    assert ran.count(False) >= 3, ran  # and it does reuse (the tiny model moves 3-30% per step: 9 of 20 here)
-    assert PRESETS["fast"].max_reuse == PRESETS["faster"].max_reuse == 1 and PRESETS["fastest"].max_reuse == 2
+    assert ran == window_schedule(20, (1.8, 30.0), 1)
+    # PixArt's 20 steps have σ 157, 96, 60, 39 | 26 ... 2.0 | 1.6, 1.2, 0.96, 0.72, 0.52, 0.34, 0.18
+    assert [i for i, r in enumerate(ran) if not r] == [1, 3, 13, 15, 17]
+    _, ran = run_counting(pipe, cache="faster")
+    assert ran == window_schedule(20, (1.8, 30.0), 2)
+    assert [i for i, r in enumerate(ran) if not r] == [1, 2, 13, 14, 16, 17]
+    assert PRESETS["fastest"].max_reuse == 2 and PRESETS["fastest"].window is None
+
+
+def test_a_window_over_every_step_runs_them_all_bit_for_bit(pipe):
+    out, ran = run_counting(pipe, steps=6, cache=CacheSetting(None, 1, (0.0, 1e9)))
+    assert ran == [True] * 6
+    assert torch.equal(out, latents(pipe, steps=6))
+
+
+def test_a_window_and_a_threshold_both_hold(pipe):
+    # a threshold nothing passes: no reuse, window or not; one everything passes: the window alone decides
+    _, ran = run_counting(pipe, cache=CacheSetting(1e-9, 1, (1.8, 30.0)))
+    assert ran == [True] * 20
+    _, ran = run_counting(pipe, cache=CacheSetting(1e9, 1, (1.8, 30.0)))
+    assert ran == window_schedule(20, (1.8, 30.0), 1)
 
 
 def test_presets_and_bad_values():
     assert cache_setting("fast") == PRESETS["fast"] and cache_setting(0.15) == CacheSetting(0.15, None)
     assert cache_setting((0.2, 3)) == CacheSetting(0.2, 3) and cache_setting([0.2, None]) == CacheSetting(0.2, None)
+    assert cache_setting(CacheSetting(None, 1, [0, 5])) == CacheSetting(None, 1, (0.0, 5.0))
     assert cache_setting(None) is None and cache_setting(0) is None
     for bad, message in (("quick", "not a preset"), (-0.1, "positive threshold"), (True, "positive threshold"),
+                         (float("nan"), "positive threshold"), (float("inf"), "positive threshold"),
                          ((0.1, 0), "max_reuse"), ((0.1, 1.5), "max_reuse"), ((0.1, True), "max_reuse"),
-                         ((0.1, 1, 2), "positive threshold"), (("fast", 1), "positive threshold")):
+                         ((0.1, 1, 2), "positive threshold"), (("fast", 1), "positive threshold"),
+                         (CacheSetting(None, 1, (5.0, 1.0)), "window"), (CacheSetting(None, 1, (1.0,)), "window"),
+                         (CacheSetting(None, 1, (-1.0, 1.0)), "window"), (CacheSetting(0.0, 1), "positive")):
         with pytest.raises(ValueError, match=message):
             cache_setting(bad)
 
