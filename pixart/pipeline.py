@@ -292,11 +292,11 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
 
     # The whole generation
 
-    @torch.no_grad()
     def _noise_level(self, t: torch.Tensor) -> float:
         """σ of the (batch of equal) timestep t under this pipeline's scheduler."""
         return float(noise_levels(self.scheduler, t.reshape(-1)[:1])[0])
 
+    @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str] | None = None,
