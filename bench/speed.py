@@ -5,8 +5,9 @@ a warm-up call excluded, the median of --repeats. Parts: "text" (T5-XXL encoding
 prompt), "step" and "decode" (one batch-2 transformer call and one VAE decode, by bench/core.py), and "image": a
 whole generation of --steps from T5 embeddings (add the text row for the end-to-end time), once per option:
 default, guidance interval, step caching at three settings, int8 (and fp8 on CUDA) transformers alone and with
-both. Image rows give the PSNR to pixart's default image (the default row: to diffusers' image) and, with caching,
-how many steps ran the blocks. Options are pixart's alone: their speedup is against diffusers' default.
+both, and `steps-N` (plain sampling with N steps, to compare with a cache's work). Image rows give the PSNR to
+pixart's default image (the default row: to diffusers' image) and, with caching, how many steps ran the blocks.
+Options are pixart's alone: their speedup is against diffusers' default.
 `--model demo` measures the options on the demo model instead: the 54 captions with 2 seeds (as tests/test_demo.py),
 with the demo classifier's score (random weights say nothing about image quality); `--model FOLDER` any pipeline
 folder (the step and decode rows always time the random real-size models).
@@ -68,6 +69,13 @@ def device_options(device: str) -> dict[str, tuple[dict, dict]]:
     return rows
 
 
+def plain_steps(option: str) -> int | None:
+    """N for the option "steps-N": the default sampling with N steps instead of --steps (the same work as a cache
+    that runs the blocks N times: is reuse better than simply fewer steps?)."""
+    prefix, _, n = option.partition("-")
+    return int(n) if prefix == "steps" and n.isdigit() and int(n) > 0 else None
+
+
 def load(engine: str, folder: Path, dtype: torch.dtype, device: str, load_kwargs: dict, part: str, demo: bool):
     """The pipeline of `engine` on `device` with the models `part` needs (the demo model: all of them)."""
     skip = {} if demo else {"transformer": None, "vae": None} if part == "text" else {"text_encoder": None,
@@ -100,7 +108,9 @@ def worker(spec: dict) -> dict:
     """One engine and option in this fresh process: time it, save its images to spec["out"] (.npy)."""
     set_threads(spec["threads"])
     device, dtype = spec["device"], DTYPES[spec["dtype"]]
-    load_kwargs, call_kwargs = OPTIONS.get(spec["option"]) or device_options(device)[spec["option"]]
+    steps = plain_steps(spec["option"]) or spec["steps"]
+    load_kwargs, call_kwargs = ({}, {}) if plain_steps(spec["option"]) else \
+        OPTIONS.get(spec["option"]) or device_options(device)[spec["option"]]
     demo = spec["folder"] == str(DEMO_MODEL)
     if spec["engine"] != "pixart":
         # diffusers has no resolution bins for the demo's 128 px (its sample size 16 raises "Invalid sample size")
@@ -123,7 +133,7 @@ def worker(spec: dict) -> dict:
         elif demo:
             def call(warm):
                 evaluations.clear()  # this run's count only
-                return generate_all(pipe, seeds=(0, 1), num_inference_steps=2 if warm else spec["steps"],
+                return generate_all(pipe, seeds=(0, 1), num_inference_steps=2 if warm else steps,
                                     output_type="np", **call_kwargs)
 
             times, (images, labels) = timed(call, spec["repeats"], device)
@@ -134,7 +144,7 @@ def worker(spec: dict) -> dict:
             # the warm-up takes 2 steps: diffusers fails with 1, and with the guidance interval both batch sizes run
             def call(warm):
                 evaluations.clear()  # this run's count only
-                return pipe(negative_prompt=None, num_inference_steps=2 if warm else spec["steps"], height=size,
+                return pipe(negative_prompt=None, num_inference_steps=2 if warm else steps, height=size,
                             width=size, output_type="np", generator=torch.Generator().manual_seed(0), **embeds,
                             **call_kwargs).images
 
@@ -205,9 +215,10 @@ def main() -> None:
     args.baseline_dtype = args.baseline_dtype or ("fp16" if args.device.startswith("cuda") else args.dtype)
     available = {**OPTIONS, **device_options(args.device)}
     options = args.options or list(available)
-    unknown = [o for o in options if o not in available]
+    unknown = [o for o in options if o not in available and not plain_steps(o)]
     if unknown:
-        parser.error(f"unknown or unavailable options {unknown}: choose from {', '.join(available)}")
+        parser.error(f"unknown or unavailable options {unknown}: choose from {', '.join(available)}, or steps-N "
+                     "(N plain steps)")
     if args.model == "demo":
         if not (DEMO_MODEL / "model_index.json").is_file():
             parser.error(f"the demo model is not built ({DEMO_MODEL}): python scripts/build_demo.py")
@@ -234,7 +245,8 @@ def main() -> None:
             for option in options if part == "image" else ["default"]:
                 out = run({**spec, "engine": "pixart", "option": option, "dtype": args.dtype,
                            "out": str(tmp / f"{option}.npy")})
-                line = {**row, "option": option, "steps": args.steps if part == "image" else None,
+                steps = (plain_steps(option) or args.steps) if part == "image" else None
+                line = {**row, "option": option, "steps": steps,
                         **{f"pixart_{k}": _round(v) for k, v in out.items()},
                         **{f"diffusers_{k}": _round(v) for k, v in base.items() if k != "block_evaluations"}}
                 if "seconds" in out and "seconds" in base:

@@ -20,6 +20,8 @@ and 0.52) costs 34.6 dB; every other step throughout (9) 25.9 dB; and plain samp
 settled and each step small. So the `fast` and `faster` presets reuse only outside a window on the noise level σ
 (as the guidance interval, so it means the same for every sampler and step count): every step with σ in (1.8, 30]
 runs, and outside it up to one (`faster`: two) step in a row is reused, whatever the modulated input's change says.
+Not a free lunch at every step count: at 30 steps `fast` runs 22 and gives 37.9 dB, where 22 plain steps give 45.7
+(DPM-Solver++ has nearly converged), while at 20 steps 15 plain steps give 28.3 dB against its 34.6.
 """
 from __future__ import annotations
 
