@@ -62,20 +62,23 @@ def cache_setting(cache: Any) -> CacheSetting | None:
     else:
         threshold, max_reuse = (cache, None) if not isinstance(cache, (tuple, list)) or len(cache) != 2 else cache
         window = None
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     if not (threshold is None and isinstance(cache, CacheSetting)) and not (
-            number(threshold) and 0 < threshold < float("inf")):
+            _number(threshold) and 0 < threshold < float("inf")):
         raise ValueError(f"cache must be a preset ({', '.join(PRESETS)}), a positive threshold, a pair "
                          f"(threshold, max_reuse) or None, got {cache!r}")
     if max_reuse is not None and (isinstance(max_reuse, bool) or not isinstance(max_reuse, int) or max_reuse < 1):
         raise ValueError(f"cache=(threshold, max_reuse) needs max_reuse to be a whole number of steps >= 1 (or None "
                          f"for no limit), got {max_reuse!r}")
     if window is not None and not (isinstance(window, (tuple, list)) and len(window) == 2
-                                   and all(map(number, window)) and 0 <= window[0] < window[1]):
+                                   and all(map(_number, window)) and 0 <= window[0] < window[1]):
         raise ValueError(f"a cache window must be a pair (sigma_lo, sigma_hi) with 0 <= sigma_lo < sigma_hi, got "
                          f"{window!r}")
     return CacheSetting(None if threshold is None else float(threshold), max_reuse,
                         None if window is None else (float(window[0]), float(window[1])))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def relative_l1(a: torch.Tensor, b: torch.Tensor) -> float:
