@@ -1,16 +1,16 @@
 """Reuse of transformer work across denoising steps (opt-in): TeaCache-style skipping of the whole block stack.
 
-Why TeaCache (Liu et al. 2024, arXiv 2411.19108) rather than FORA (Selvaraju et al. 2024, arXiv 2407.01425):
-FORA recomputes every N-th step and reuses each block's attention and MLP outputs in between, a fixed schedule
-blind to how much the input moved (most at the first and last steps) that keeps one tensor per block and branch
-(28 blocks × 3 × (B, N, D), ~2.4 GB at 1024² in fp32 for a CFG batch) and still runs the rest of every block.
-TeaCache decides each step from a cheap signal, the relative L1 change of the first block's timestep-modulated
-input, accumulated since the last full evaluation; below a threshold it adds the block stack's last residual
-(output − input) to the new input instead of running the blocks. One cached tensor, one knob, and a skipped step
-costs only the patch embedding and the final layer. We use the raw relative L1 change: TeaCache's polynomial
-rescaling is fitted per model, and none was published for PixArt-α. Our presets add a limit TeaCache lacks: at most
-one (two for `fastest`) reused step in a row, since a residual reused a second time has drifted twice as far (on
-the demo model, 9 of 20 steps skipped: 31.4 dB PSNR to the uncached images with the limit, 29.4 without).
+Why TeaCache (Liu et al. 2024, arXiv 2411.19108) rather than FORA (Selvaraju et al. 2024, arXiv 2407.01425): FORA
+recomputes every N-th step and reuses each block's attention and MLP outputs in between, a fixed schedule blind to
+how much the input moved (most at the first and last steps) that keeps one tensor per block and branch (28 blocks ×
+3 × (B, N, D), ~2.4 GB at 1024² in fp32 for a CFG batch) and still runs the rest of every block. TeaCache decides
+each step from a cheap signal, the relative L1 change of the first block's timestep-modulated input, accumulated
+since the last full evaluation; below a threshold it adds the block stack's last residual (output − input) to the
+new input instead of running the blocks. One cached tensor, one knob, and a skipped step costs only the patch
+embedding and the final layer. We use the raw relative L1 change: TeaCache's polynomial rescaling is fitted per
+model, and none was published for PixArt-α. Our presets add a limit TeaCache lacks: at most one (two for `faster`
+and `fastest`) reused step in a row, since a residual reused a second time has drifted twice as far (on the demo
+model, 9 of 20 steps skipped: 31.4 dB PSNR to the uncached images with the limit, 29.4 without).
 
 Where to reuse matters more than TeaCache's signal tells. On the demo model (20 steps, 108 images, PSNR to the
 uncached images pooled over all of them), TeaCache's rule at threshold 0.1 reuses every other step from σ 96 down to
