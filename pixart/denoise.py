@@ -35,7 +35,12 @@ def guidance_window(config: SchedulerConfig, interval: tuple[float, float] | Non
     if interval is None:
         return lambda t: True
     lo, hi = interval
-    return lambda t: lo < float(noise_levels(config, t.reshape(1))[0]) <= hi
+    return lambda t: lo < noise_level(config, t) <= hi
+
+
+def noise_level(config: SchedulerConfig, t: torch.Tensor) -> float:
+    """σ of timestep t: a scalar, or a batch of equal timesteps (the model's input)."""
+    return float(noise_levels(config, t.reshape(-1)[:1])[0])
 
 
 def caption_length(mask: torch.Tensor) -> int | None:

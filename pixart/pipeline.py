@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from .components import (MODELS, Component, Held, ModelPlacement, choose_memory,
                          is_available, load_scheduler, load_vae, module_device, module_dtype, read_config, running)
 from .configs import SchedulerConfig
 from .cuda_graphs import GraphedForward
-from .denoise import check_guidance_interval, guidance_window, model_function
+from .denoise import check_guidance_interval, guidance_window, model_function, noise_level
 from .images import ImageProcessor, resize_and_crop_tensor
 from .inputs import check_call, micro_conditions, per_image
 from .lora import Adapters, LoraLoaderMixin
@@ -26,7 +27,7 @@ from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
 from .prompt_cache import PromptCache, fingerprint
 from .reuse import StepCache, cache_setting
-from .samplers import make_timesteps, noise_levels, randn_tensor, sample
+from .samplers import make_timesteps, randn_tensor, sample
 from .tokenizer import T5Tokenizer, preprocess_prompt, warn_truncated
 from .weights.hub import resolve
 
@@ -292,10 +293,6 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
 
     # The whole generation
 
-    def _noise_level(self, t: torch.Tensor) -> float:
-        """σ of the (batch of equal) timestep t under this pipeline's scheduler."""
-        return float(noise_levels(self.scheduler, t.reshape(-1)[:1])[0])
-
     @torch.no_grad()
     def __call__(
         self,
@@ -396,7 +393,8 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         state = {"prompt_embeds": embeds.to(device=device, dtype=dtype), "prompt_attention_mask": mask.to(device)}
 
         with running(self, "transformer") as transformer, self.progress_bar(total=len(steps)) as bar:
-            forward = transformer if reuse is None else StepCache(transformer, reuse, len(steps), self._noise_level)
+            sigma = functools.partial(noise_level, self.scheduler)
+            forward = transformer if reuse is None else StepCache(transformer, reuse, len(steps), sigma)
             if cuda_graphs and not is_compiled(transformer):  # a compiled one has its own ("reduce-overhead")
                 forward = GraphedForward(transformer)
             guided = guidance_window(self.scheduler, interval) if guidance else None
