@@ -108,8 +108,9 @@ def worker(spec: dict) -> dict:
     """One engine and option in this fresh process: time it, save its images to spec["out"] (.npy)."""
     set_threads(spec["threads"])
     device, dtype = spec["device"], DTYPES[spec["dtype"]]
-    steps = plain_steps(spec["option"]) or spec["steps"]
-    load_kwargs, call_kwargs = ({}, {}) if plain_steps(spec["option"]) else \
+    plain = plain_steps(spec["option"])
+    steps = plain or spec["steps"]
+    load_kwargs, call_kwargs = ({}, {}) if plain else \
         OPTIONS.get(spec["option"]) or device_options(device)[spec["option"]]
     demo = spec["folder"] == str(DEMO_MODEL)
     if spec["engine"] != "pixart":
