@@ -36,6 +36,7 @@ import torch
 import pixart
 from core import DTYPES, cpu_name, timed
 from folders import pipeline_folder
+from pixart.compile import COMPILE_MODES
 from pixart.demo import MODEL as DEMO_MODEL
 from pixart.demo.shapes import SIZE as DEMO_SIZE
 from pixart.demo.shapes import generate_all, score
@@ -120,7 +121,7 @@ def worker(spec: dict) -> dict:
     pipe = load(spec["engine"], Path(spec["folder"]), dtype, device, load_kwargs, spec["part"], demo)
     result = {"load_s": time.perf_counter() - start}
     if spec["compile"] and spec["engine"] == "pixart":
-        pipe.compile()
+        pipe.compile(spec.get("compile_mode"), vae={"on": True, "off": False}.get(spec.get("compile_vae")))
     evaluations = []
     if spec["engine"] == "pixart" and spec["part"] == "image":
         blocks = pipe.transformer.run_blocks
@@ -206,6 +207,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--compile", action="store_true", help="pipe.compile() the pixart rows (warm-up compiles)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default=None, help="torch.compile's mode (with "
+                        "--compile)")
+    parser.add_argument("--compile-vae", choices=["auto", "on", "off"], default="auto", help="with --compile: the "
+                        "VAE decoder too (auto: pipe.compile()'s default, on GPUs only)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -227,6 +232,8 @@ def main() -> None:
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     common = {"machine": machine, "device": args.device, "dtype": args.dtype, "baseline_dtype": args.baseline_dtype,
               "threads": args.threads, "model": args.model}
+    if args.compile:
+        common.update(compile=args.compile_mode or "default", compile_vae=args.compile_vae)
     tmp = Path(tempfile.mkdtemp(prefix="pixart-speed-"))
     for size in args.sizes:
         folder = ({"demo": DEMO_MODEL, "random": None}.get(args.model, Path(args.model))
@@ -240,7 +247,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 continue
             spec = {"part": part, "size": size, "steps": args.steps, "folder": str(folder), "device": args.device,
-                    "repeats": args.repeats, "threads": args.threads, "compile": args.compile}
+                    "repeats": args.repeats, "threads": args.threads, "compile": args.compile,
+                    "compile_mode": args.compile_mode, "compile_vae": args.compile_vae}
             base = run({**spec, "engine": "diffusers", "option": "default", "dtype": args.baseline_dtype,
                         "out": str(tmp / "diffusers.npy")})
             for option in options if part == "image" else ["default"]:

@@ -269,13 +269,17 @@ class ModelPlacement:
                 self._loaded[name].to("cpu")
         self.memory, self._execution_target = "offload", target
 
-    def compile(self, mode: str | None = None, vae: bool = False) -> "ModelPlacement":
+    def compile(self, mode: str | None = None, vae: bool | None = None) -> "ModelPlacement":
         """torch.compile the transformer's blocks (and with vae=True the VAE decoder) in place, for the run device.
 
+        vae=None (the default) compiles the decoder too on a GPU, where it takes seconds and decodes a 1024² image
+        2.7× faster (88 → 33 ms on an H200, bench/profile_cuda.py), and not on a CPU, where it takes minutes.
         The first call at each image size and batch compiles (minutes on a CPU); later ones reuse it. mode:
         torch.compile's ("max-autotune"; "reduce-overhead" adds CUDA graphs). On CPU the weights are frozen into the
         graph: compile after loading LoRAs. The compiled models stay resident, also in memory="staged" (reloading
         them would compile them again)."""
+        if vae is None:
+            vae = self.device.type == "cuda" and self.vae is not None
         for name in ("transformer", "vae") if vae else ("transformer",):
             module = getattr(self, name)
             if module is None:

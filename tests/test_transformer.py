@@ -276,3 +276,36 @@ def test_residual_stream_is_token_major_contiguous(saved):
     model.transformer_blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous()))
     ours(model, *inputs(ref, 8, 12))
     assert seen == [True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens, masked", [(4096, False), (4096, True), (256, True)])
+def test_cuda_attention_with_cudnn_first_equals_pytorchs_default_order(tokens, masked):
+    """For inference on CUDA the transformer's attention puts cuDNN's kernel first; it must give what PyTorch's own
+    order (flash, or the memory-efficient kernel with a bias) gives. Both take bf16 inputs and round their bf16
+    output: against the float64 result of the same bf16 inputs each must be within 1e-2 relative to its norm (bf16
+    keeps 8 bits: an output's rounding alone is up to 2e-3, a 5× margin for the probabilities' rounding), and the
+    two within 1e-2 of each other."""
+    from pixart.models.layers import attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, tokens, 1152, generator=g)
+    kv = torch.randn(2, 120 if masked else tokens, 1152, generator=g)
+    bias = None
+    if masked:
+        bias = torch.zeros(2, 1, 1, kv.shape[1])
+        bias[..., 20:] = -10000.0
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        *(t.bfloat16().double().view(2, -1, 16, 72).transpose(1, 2) for t in (q, kv, kv)),
+        attn_mask=None if bias is None else bias.bfloat16().double()).transpose(1, 2).reshape(2, tokens, 1152)
+    cuda = [t.cuda().bfloat16() for t in (q, kv, kv)]
+    cuda_bias = None if bias is None else bias.cuda().bfloat16()
+    with torch.no_grad():  # the order applies without autograd only
+        ours = attention(*cuda, 16, cuda_bias).double().cpu()
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+                                         torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION]):
+        q4, k4, v4 = (t.view(2, -1, 16, 72).transpose(1, 2) for t in cuda)
+        default = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, attn_mask=cuda_bias)
+    default = default.transpose(1, 2).reshape(2, tokens, 1152).double().cpu()
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(ours, exact) < 1e-2 and rel(default, exact) < 1e-2 and rel(ours, default) < 1e-2
