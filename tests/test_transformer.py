@@ -309,3 +309,37 @@ def test_cuda_attention_with_cudnn_first_equals_pytorchs_default_order(tokens, m
     default = default.transpose(1, 2).reshape(2, tokens, 1152).double().cpu()
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     assert rel(ours, exact) < 1e-2 and rel(default, exact) < 1e-2 and rel(ours, default) < 1e-2
+
+
+def test_ordered_attention_traces_whole_and_a_failing_backend_falls_back(monkeypatch, caplog):
+    """The CUDA backend order, made to apply on this CPU: it equals plain SDPA, dynamo traces it as one graph (as
+    pipe.compile() does), and a backend that fails at run time gives way to PyTorch's order with one warning."""
+    from pixart.models import layers
+
+    if not layers._CAN_ORDER:
+        pytest.skip("this PyTorch's sdpa_kernel cannot order backends")
+    monkeypatch.setattr(layers, "ORDERED_DEVICES", ("cpu",))
+    monkeypatch.setattr(layers, "CUDA_ORDER", list(layers.CUDA_ORDER))  # restored after the test turns it off
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 64, 32, generator=g), torch.randn(2, 10, 32, generator=g)
+    bias = torch.zeros(2, 1, 1, 10)
+    bias[..., 6:] = -10000.0
+    plain = torch.nn.functional.scaled_dot_product_attention(
+        *(t.view(2, -1, 4, 8).transpose(1, 2) for t in (q, k, k)), attn_mask=bias).transpose(1, 2).reshape(2, 64, 32)
+    with torch.no_grad():
+        assert torch.allclose(layers.attention(q, k, k, 4, bias), plain, atol=1e-6)
+        torch._dynamo.reset()
+        traced = torch.compile(layers.attention, backend="eager", fullgraph=True)
+        assert torch.allclose(traced(q, k, k, 4, bias), plain, atol=1e-6)
+        real, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+        def refuses_once(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("cuDNN Frontend error: No execution plans support the graph")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(layers.F, "scaled_dot_product_attention", refuses_once)
+        with caplog.at_level("WARNING", logger="pixart"):
+            assert torch.allclose(layers.attention(q, k, k, 4, bias), plain, atol=1e-6)
+    assert layers.CUDA_ORDER is None and len(calls) == 2
+    assert "CUDNN_ATTENTION first failed (cuDNN Frontend error" in caplog.text

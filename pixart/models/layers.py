@@ -1,8 +1,8 @@
 """Small pieces shared by the models: sinusoidal embeddings, adaLN modulation, multi-head attention."""
 from __future__ import annotations
 
-import contextlib
 import inspect
+import logging
 import math
 
 import torch
@@ -12,11 +12,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # Inference on CUDA tries cuDNN's fused attention first, then PyTorch's own order. Its kernel beats FlashAttention-2
 # on Hopper for PixArt's 72-wide heads (which flash pads to 96): on an H200, torch 2.11, a 1024² self-attention takes
 # 0.48 ms against 0.78 and the transformer step 35 ms against 43.5 (bench/profile_cuda.py). A backend that refuses
-# the inputs falls through to the next. Training keeps PyTorch's order (cuDNN's backward has had NaN bugs), as does
-# PyTorch without backend priorities; `pixart.models.layers.CUDA_ORDER = None` keeps it for inference too.
+# the inputs falls through to the next; one that fails at run time (cuDNN has refused shapes its checks passed) turns
+# the order off for the process, with a warning. Training keeps PyTorch's order (cuDNN's backward has had NaN bugs),
+# as does PyTorch without backend priorities; `pixart.models.layers.CUDA_ORDER = None` keeps it for inference too.
 CUDA_ORDER: list[SDPBackend] | None = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+ORDERED_DEVICES = ("cuda",)
 _CAN_ORDER = "set_priority" in inspect.signature(sdpa_kernel).parameters
+logger = logging.getLogger("pixart")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -58,7 +61,23 @@ def attention(
     q = q.view(B, N, heads, D // heads).transpose(1, 2)  # (B, H, N, d)
     k = k.view(B, k.shape[1], heads, D // heads).transpose(1, 2)  # (B, H, L, d)
     v = v.view(B, v.shape[1], heads, D // heads).transpose(1, 2)
-    ordered = q.is_cuda and CUDA_ORDER and _CAN_ORDER and not torch.is_grad_enabled()
-    with sdpa_kernel(CUDA_ORDER, set_priority=True) if ordered else contextlib.nullcontext():
+    out = None
+    if CUDA_ORDER and _CAN_ORDER and q.device.type in ORDERED_DEVICES and not torch.is_grad_enabled():
+        out = _ordered_attention(q, k, v, bias)
+    if out is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, N, d)
     return out.transpose(1, 2).reshape(B, N, D)
+
+
+def _ordered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+                       ) -> torch.Tensor | None:
+    """SDPA with CUDA_ORDER's backends first; None, and the order off from then on, where that fails to run."""
+    global CUDA_ORDER
+    try:
+        with sdpa_kernel(CUDA_ORDER, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    except RuntimeError as error:
+        logger.warning("pixart: attention with %s first failed (%s); PyTorch's own order from now on",
+                       CUDA_ORDER[0].name, str(error).splitlines()[0] if str(error) else type(error).__name__)
+        CUDA_ORDER = None
+        return None
