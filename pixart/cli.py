@@ -64,9 +64,9 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
                              "(default 1.0); repeat to combine several")
     parser.add_argument("--quantize-transformer", choices=list(DYNAMIC_QUANTIZATIONS), default=None,
                         help="quantize the transformer while it loads, activations per token at each step: int8 "
-                             "(faster on CPUs and GPUs with int8 kernels), fp8 (GPUs from Ada/Hopper on)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer: the first image "
-                        "of each size compiles (minutes on a CPU), later ones run faster")
+                             "(faster on CPUs), fp8 (GPUs from Ada/Hopper on); on GPUs both save memory, not time")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (on a GPU the VAE "
+                        "decoder too): the first image of each size compiles (minutes on a CPU), later ones run faster")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                         help="with --compile: torch.compile's mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--no-prompt-cache", action="store_true",

@@ -270,7 +270,7 @@ class ModelPlacement:
         self.memory, self._execution_target = "offload", target
 
     def compile(self, mode: str | None = None, vae: bool | None = None) -> "ModelPlacement":
-        """torch.compile the transformer's blocks (and with vae=True the VAE decoder) in place, for the run device.
+        """torch.compile the transformer's blocks (and the VAE decoder, see `vae`) in place, for the run device.
 
         vae=None (the default) compiles the decoder too on a GPU, where it takes seconds and decodes a 1024² image
         2.7× faster (88 → 33 ms on an H200, bench/profile_cuda.py), and not on a CPU, where it takes minutes.

@@ -76,6 +76,8 @@ def _ordered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: 
     try:
         with sdpa_kernel(CUDA_ORDER, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    except torch.cuda.OutOfMemoryError:
+        raise  # not the backend's fault: the order stays
     except RuntimeError as error:
         logger.warning("pixart: attention with %s first failed (%s); PyTorch's own order from now on",
                        CUDA_ORDER[0].name, str(error).splitlines()[0] if str(error) else type(error).__name__)
