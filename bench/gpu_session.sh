@@ -15,8 +15,8 @@ if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_transformer.py tests/test_cuda_graphs.py -k "cuda or gpu" \
-    2>&1 | tail -15 | tee "$OUT/tests.log"
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_transformer.py tests/test_cuda_graphs.py \
+    -k "cuda or gpu" 2>&1 | tail -15 | tee "$OUT/tests.log"
 cd bench
 timeout 150 python3 profile_cuda.py --runs 10 2>&1 | grep -v -i warn | tee "$OUT/profile.log"
 S="python3 speed.py --device cuda --sizes 1024 --steps 20 --parts image --repeats 3"

@@ -1,17 +1,19 @@
 """Where a 1024² generation's GPU time goes: pixart's transformer step and VAE decode on CUDA, one JSON line each.
 
-Real-size random weights (bench/core.py's cache), bf16, batch 2 (one guided step). Milliseconds between CUDA events,
-the median of --runs after warm-ups:
+Real-size random weights (bench/core.py's cache), bf16 (--dtype), batch 2 (one guided step). Milliseconds between
+CUDA events, the median of --runs after warm-ups:
 - `attention`: one self-attention call (B 2, 16 heads, 4096 tokens of 72) and one cross-attention call (120 caption
   tokens with a padding bias) per SDPA backend, as `sdpa_kernel` picks it first (the others as fallbacks);
-- `step`: the transformer eager with PyTorch's default backend order and with each backend first, and compiled
-  (inductor, default mode; `compile_s` is its first call);
+- `step`: the transformer eager with pixart's backend order (`eager_ms`: cuDNN first, pixart.models.layers), with
+  PyTorch's own order and with each backend first, and compiled (inductor, default mode; `compile_s` is its first
+  call);
 - `kernels`: the eager step's GPU time by kernel family (matrix products, attention, the rest) from torch.profiler,
   and its largest kernels;
 - `decode`: the VAE decoder at 1024², eager, channels_last, and compiled.
 
     python bench/profile_cuda.py
     python bench/profile_cuda.py --size 512 --runs 10
+    python bench/profile_cuda.py --size 256 --runs 1 --dtype fp32      # on a CPU: a smoke test of the script
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core import CACHE, build_cache  # noqa: E402
 
+from pixart.models import layers  # noqa: E402
 from pixart.models.transformer import PixArtTransformer2DModel  # noqa: E402
 from pixart.models.vae import AutoencoderKL  # noqa: E402
 
@@ -86,8 +89,8 @@ def family(name: str) -> str:
 
 def kernel_families(step) -> dict:
     """GPU milliseconds of one call of `step` by kernel family, and its largest kernels (torch.profiler)."""
-    activity = torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU
-    with torch.profiler.profile(activities=[activity]) as prof:
+    activities = torch.profiler.ProfilerActivity
+    with torch.profiler.profile(activities=[activities.CUDA if torch.cuda.is_available() else activities.CPU]) as prof:
         for _ in range(3):
             step()
         synchronize()
@@ -107,12 +110,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024, choices=[256, 512, 1024])
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     args = parser.parse_args()
     build_cache()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype, g = torch.bfloat16, torch.Generator().manual_seed(0)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    g = torch.Generator().manual_seed(0)
     gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "none (a CPU smoke test)"
-    common = {"gpu": gpu, "torch": torch.__version__, "size": args.size}
+    common = {"gpu": gpu, "torch": torch.__version__, "size": args.size, "dtype": args.dtype}
     torch.inference_mode().__enter__()
 
     q, k, v = (torch.randn(2, 16, (args.size // 16) ** 2, 72, generator=g).to(dev, dtype) for _ in range(3))
@@ -142,12 +147,15 @@ def main() -> None:
     conds = {"resolution": torch.tensor([[args.size] * 2] * 2, dtype=dtype, device=dev),
              "aspect_ratio": torch.ones(2, 1, dtype=dtype, device=dev)} if model.config.micro_conditions else {}
     step = lambda: model(x, t, y, mask, **conds)  # noqa: E731
-    row = {"part": "step", **common, "eager_ms": cuda_ms(step, args.runs)}
+    row = {"part": "step", **common, "eager_ms": cuda_ms(step, args.runs)}  # pixart's order (layers.CUDA_ORDER)
+    ours, layers.CUDA_ORDER = layers.CUDA_ORDER, None  # from here the order set around the step rules
+    row["pytorch_order_ms"] = cuda_ms(step, args.runs)
     for name in ("flash", "efficient", "cudnn"):
         def backend_step():
             with first(name):
                 return step()
         row[f"{name}_first_ms"] = attempt(lambda: cuda_ms(backend_step, args.runs))
+    layers.CUDA_ORDER = ours
     print(json.dumps(row), flush=True)
 
     report = attempt(lambda: kernel_families(step))
