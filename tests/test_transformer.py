@@ -343,3 +343,22 @@ def test_ordered_attention_traces_whole_and_a_failing_backend_falls_back(monkeyp
             assert torch.allclose(layers.attention(q, k, k, 4, bias), plain, atol=1e-6)
     assert layers.CUDA_ORDER is None and len(calls) == 2
     assert "CUDNN_ATTENTION first failed (cuDNN Frontend error" in caplog.text
+
+
+def test_a_pytorch_whose_compiler_mishandles_the_order_traces_without_it(monkeypatch):
+    """Before PyTorch 2.9 torch.compile ignores or fails on sdpa_kernel's priorities: there the traced attention
+    leaves the order out (eager calls keep it)."""
+    from pixart.models import layers
+
+    monkeypatch.setattr(layers, "ORDERED_DEVICES", ("cpu",))
+    monkeypatch.setattr(layers, "_CAN_ORDER", True)
+    monkeypatch.setattr(layers, "_ORDER_TRACES", False)
+    ordered = []
+    monkeypatch.setattr(layers, "_ordered_attention", lambda *args: ordered.append(1))  # None: the plain call runs
+    q = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        layers.attention(q, q, q, 4)
+        assert ordered == [1]  # eager: ordered
+        torch._dynamo.reset()
+        torch.compile(layers.attention, backend="eager", fullgraph=True)(q, q, q, 4)
+    assert ordered == [1]  # traced: not

@@ -19,6 +19,9 @@ CUDA_ORDER: list[SDPBackend] | None = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FL
                                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 ORDERED_DEVICES = ("cuda",)
 _CAN_ORDER = "set_priority" in inspect.signature(sdpa_kernel).parameters
+# torch.compile honours the order from PyTorch 2.9 on: 2.6 ignores it, 2.7 and 2.8 fail on it (pytorch#155898, fixed
+# by #160684); there a compiled transformer keeps PyTorch's order, and only eager calls use ours.
+_ORDER_TRACES = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 9)
 logger = logging.getLogger("pixart")
 
 
@@ -62,7 +65,8 @@ def attention(
     k = k.view(B, k.shape[1], heads, D // heads).transpose(1, 2)  # (B, H, L, d)
     v = v.view(B, v.shape[1], heads, D // heads).transpose(1, 2)
     out = None
-    if CUDA_ORDER and _CAN_ORDER and q.device.type in ORDERED_DEVICES and not torch.is_grad_enabled():
+    if (CUDA_ORDER and _CAN_ORDER and q.device.type in ORDERED_DEVICES and not torch.is_grad_enabled()
+            and (_ORDER_TRACES or not torch.compiler.is_compiling())):
         out = _ordered_attention(q, k, v, bias)
     if out is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, N, d)
