@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 CUDA_ORDER: list[SDPBackend] | None = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 ORDERED_DEVICES = ("cuda",)
-_CAN_ORDER = "set_priority" in inspect.signature(sdpa_kernel).parameters
+_CAN_ORDER = "set_priority" in inspect.signature(sdpa_kernel).parameters  # PyTorch 2.6 on
 # torch.compile honours the order from PyTorch 2.9 on: 2.6 ignores it, 2.7 and 2.8 fail on it (pytorch#155898, fixed
 # by #160684); there a compiled transformer keeps PyTorch's order, and only eager calls use ours.
 _ORDER_TRACES = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 9)
