@@ -24,6 +24,7 @@ from PIL import Image
 from pixart import PixArtAlphaPipeline
 from pixart.cli import build_parser
 from pixart.serve.app import Limits, create_app, serve
+from pixart.serve.worker import _Stopped
 
 KEY = "secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -61,7 +62,7 @@ class GatedPipeline(PixArtAlphaPipeline):
 
         try:
             return super().__call__(prompt, **{**kwargs, "callback_on_step_end": callback})
-        except Exception:
+        except _Stopped:  # the worker's own abort, and only it: any other error must not pass for a stop
             record["stopped"] = True
             raise
 
