@@ -11,17 +11,18 @@ from .configs import SchedulerConfig
 from .samplers import ModelFn, noise_levels
 
 
-def check_guidance_interval(interval: Any) -> tuple[float, float] | None:
-    """(σ_lo, σ_hi) as floats, or None; raise a ValueError naming the problem otherwise."""
+def check_guidance_interval(interval: Any, name: str = "guidance_interval") -> tuple[float, float] | None:
+    """(σ_lo, σ_hi) as floats, or None; raise a ValueError naming the problem (and `name`) otherwise. Also checks
+    the other noise-level window, the step cache's."""
     if interval is None:
         return None
     if isinstance(interval, (str, bytes)) or not hasattr(interval, "__len__") or len(interval) != 2:
-        raise ValueError(f"guidance_interval must be a pair (sigma_lo, sigma_hi), e.g. (0.28, 5.42), got {interval!r}")
+        raise ValueError(f"{name} must be a pair (sigma_lo, sigma_hi), e.g. (0.28, 5.42), got {interval!r}")
     lo, hi = interval
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in (lo, hi)):
-        raise ValueError(f"guidance_interval bounds must be numbers, got {interval!r}")
+        raise ValueError(f"{name} bounds must be numbers, got {interval!r}")
     if not 0 <= lo < hi:
-        raise ValueError(f"guidance_interval needs 0 <= sigma_lo < sigma_hi, got ({lo}, {hi})")
+        raise ValueError(f"{name} needs 0 <= sigma_lo < sigma_hi, got ({lo}, {hi})")
     return float(lo), float(hi)
 
 

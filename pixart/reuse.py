@@ -29,6 +29,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from .denoise import check_guidance_interval
+
 
 class CacheSetting(NamedTuple):
     """When a step reuses the last residual: while the accumulated change stays below `threshold` (None: whatever
@@ -69,12 +71,8 @@ def cache_setting(cache: Any) -> CacheSetting | None:
     if max_reuse is not None and (isinstance(max_reuse, bool) or not isinstance(max_reuse, int) or max_reuse < 1):
         raise ValueError(f"cache=(threshold, max_reuse) needs max_reuse to be a whole number of steps >= 1 (or None "
                          f"for no limit), got {max_reuse!r}")
-    if window is not None and not (isinstance(window, (tuple, list)) and len(window) == 2
-                                   and all(map(_number, window)) and 0 <= window[0] < window[1]):
-        raise ValueError(f"a cache window must be a pair (sigma_lo, sigma_hi) with 0 <= sigma_lo < sigma_hi, got "
-                         f"{window!r}")
-    return CacheSetting(None if threshold is None else float(threshold), max_reuse,
-                        None if window is None else (float(window[0]), float(window[1])))
+    window = check_guidance_interval(window, "a cache window")  # the same σ window as the guidance interval's
+    return CacheSetting(None if threshold is None else float(threshold), max_reuse, window)
 
 
 def _number(value: Any) -> bool:
