@@ -19,6 +19,7 @@ from .components import (MODELS, Component, Held, ModelPlacement, choose_memory,
 from .configs import SchedulerConfig
 from .cuda_graphs import GraphedForward
 from .denoise import check_guidance_interval, guidance_window, model_function, noise_level
+from .hardware import give_back_freed_memory, keep_freed_memory
 from .images import ImageProcessor, resize_and_crop_tensor
 from .inputs import check_call, micro_conditions, per_image
 from .lora import Adapters, LoraLoaderMixin
@@ -392,7 +393,9 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         conditions = micro_conditions(cfg, height, width, embeds.shape[0], device, dtype)
         state = {"prompt_embeds": embeds.to(device=device, dtype=dtype), "prompt_attention_mask": mask.to(device)}
 
-        with running(self, "transformer") as transformer, self.progress_bar(total=len(steps)) as bar:
+        # on a CPU the steps' large activations reuse the memory of the previous step's (not fresh zero-filled pages)
+        kept = keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
+        with running(self, "transformer") as transformer, kept, self.progress_bar(total=len(steps)) as bar:
             sigma = functools.partial(noise_level, self.scheduler)
             forward = transformer if reuse is None else StepCache(transformer, reuse, len(steps), sigma)
             if cuda_graphs and not is_compiled(transformer):  # a compiled one has its own ("reduce-overhead")
@@ -415,6 +418,8 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
 
             latents = sample(self.scheduler, model_fn, latents, steps, generator=generator, eta=eta, callback=on_step)
             del transformer, forward, model_fn  # staged: the block's end frees the transformer, before the VAE loads
+        if device.type == "cpu":
+            give_back_freed_memory()  # what the freed transformer left under the steps' last blocks
 
         # 5. Decode and 6. postprocess
         if output_type == "latent":
