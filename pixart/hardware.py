@@ -113,10 +113,10 @@ def keep_freed_memory():
     the memory kept (a 2-core EPYC). Inside the block allocations up to 1 GB come from the heap and freed ones stay
     there (up to 1 GB at its top), where the next step's tensors of the same sizes reuse them. Only around work
     whose tensors repeat, never around loading: freed load-time buffers would stay resident beside the weights (a
-    staged pipeline's peak went from 5 to 16 GB). On leaving, malloc maps allocations over 32 MB again (glibc's
-    largest automatic threshold) and `malloc_trim` returns the kept memory. The setting is process-wide while any
-    block is open (other threads' allocations too). A no-op where malloc is not glibc's, or with the environment
-    variable PIXART_KEEP_FREED_MEMORY=0.
+    staged pipeline's peak went from 5.7 to 16.4 GB at 512²). On leaving, malloc maps allocations over 32 MB again
+    (glibc's largest automatic threshold) and `malloc_trim` returns the kept memory. The setting is process-wide
+    while any block is open (other threads' allocations too). A no-op where malloc is not glibc's, or with the
+    environment variable PIXART_KEEP_FREED_MEMORY=0.
     """
     if _Malloc.off():
         yield False
