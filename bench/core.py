@@ -59,8 +59,8 @@ def worker(engine: str, part: str, size: int, dtype_name: str, repeats: int, thr
     """Load one model from the cache with `engine` and time `repeats` calls after a warm-up."""
     torch.set_num_threads(threads)
     call = model_call(engine, part, size, DTYPES[dtype_name], device)
-    # as pixart's pipeline runs its steps on a CPU: freed large blocks stay in the heap for the next call
-    kept = keep_freed_memory() if engine == "pixart" and part == "step" and device == "cpu" else nullcontext()
+    # as pixart's pipeline runs its steps and decodes on a CPU: freed large blocks stay in the heap for the next ones
+    kept = keep_freed_memory() if engine == "pixart" and device == "cpu" else nullcontext()
     with torch.inference_mode(), kept:
         times, out = timed(lambda warm_up: call(), repeats, device)
     assert torch.isfinite(out).all()
@@ -73,8 +73,8 @@ def worker(engine: str, part: str, size: int, dtype_name: str, repeats: int, thr
 def interleaved(part: str, size: int, dtype_name: str, repeats: int, threads: int, device: str) -> dict:
     """Both engines' models in this one process, called in turn (diffusers, pixart, diffusers, ...) after a warm-up
     each: the ratio of their medians is free of the drift between two processes run minutes apart. The models
-    alone: without the allocator setting of pixart's pipeline steps (pixart.hardware.keep_freed_memory), which
-    would speed both engines in one process."""
+    alone: without the allocator setting pixart's pipeline steps and decodes in (pixart.hardware.keep_freed_memory),
+    which would speed both engines in one process."""
     torch.set_num_threads(threads)
     calls = {engine: model_call(engine, part, size, DTYPES[dtype_name], device) for engine in ("diffusers", "pixart")}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

@@ -455,14 +455,24 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         if not is_available(self, "vae"):
             raise ValueError("this pipeline has no VAE (loaded with vae=None): use output_type='latent'")
         with running(self, "vae") as vae:
-            z = latents.to(device=module_device(vae), dtype=module_dtype(vae)) / vae.config.scaling_factor
-            if vae.config.shift_factor is not None:
-                z = z + vae.config.shift_factor
-            if not isinstance(vae, AutoencoderKL) or (vae.tiling is not None or z[0, 0].numel() <= TILE_ABOVE):
-                return vae.decode(z, return_dict=False)[0]
-            # past 1024² the decoder's activations dominate memory: decode in tiles, one image at a time
-            vae.enable_tiling()
-            try:
-                return torch.cat([vae.decode(one, return_dict=False)[0] for one in z.split(1)])
-            finally:
-                vae.disable_tiling()
+            cpu = module_device(vae).type == "cpu"
+            # on a CPU the decoder's large activations reuse freed memory (not fresh zero-filled pages)
+            with keep_freed_memory() if cpu else contextlib.nullcontext():
+                images = self._decode(vae, latents)
+        if cpu:
+            give_back_freed_memory()  # what a staged VAE left under the decode's last blocks
+        return images
+
+    @staticmethod
+    def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(device=module_device(vae), dtype=module_dtype(vae)) / vae.config.scaling_factor
+        if vae.config.shift_factor is not None:
+            z = z + vae.config.shift_factor
+        if not isinstance(vae, AutoencoderKL) or (vae.tiling is not None or z[0, 0].numel() <= TILE_ABOVE):
+            return vae.decode(z, return_dict=False)[0]
+        # past 1024² the decoder's activations dominate memory: decode in tiles, one image at a time
+        vae.enable_tiling()
+        try:
+            return torch.cat([vae.decode(one, return_dict=False)[0] for one in z.split(1)])
+        finally:
+            vae.disable_tiling()

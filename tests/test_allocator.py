@@ -81,8 +81,9 @@ def test_opting_out_leaves_malloc_alone(monkeypatch):
         assert took is False
 
 
-def test_a_cpu_pipeline_keeps_freed_memory_while_denoising_only(pipeline_dir_512, monkeypatch):
-    """Around the steps, not around loading: a staged pipeline loads (and frees) its models inside the call."""
+def test_a_cpu_pipeline_keeps_freed_memory_while_denoising_and_decoding_only(pipeline_dir_512, monkeypatch):
+    """Around the steps and the decode, not around loading: a staged pipeline loads (and frees) its models inside
+    the call."""
     events = []
 
     @contextlib.contextmanager
@@ -105,9 +106,11 @@ def test_a_cpu_pipeline_keeps_freed_memory_while_denoising_only(pipeline_dir_512
     monkeypatch.setattr(pixart.pipeline, "running", running)
     pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, memory="staged")
     pipe.set_progress_bar_config(disable=True)
-    pipe("a cat", num_inference_steps=2, height=64, width=64, use_resolution_binning=False, output_type="latent",
+    pipe("a cat", num_inference_steps=2, height=64, width=64, use_resolution_binning=False, output_type="np",
          callback=lambda i, t, x: events.append("step"))
     steps = events.index("load transformer") + 1
     # the freed transformer's pages go back too (they lie under the blocks the steps left in the heap)
     assert events[steps:steps + 6] == ["keep", "step", "step", "give back", "free transformer", "trim"], events
-    assert events.count("keep") == 1
+    decode = events.index("load vae") + 1
+    assert events[decode:decode + 4] == ["keep", "give back", "free vae", "trim"], events  # the decode likewise
+    assert events.count("keep") == 2
