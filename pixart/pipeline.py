@@ -393,9 +393,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         conditions = micro_conditions(cfg, height, width, embeds.shape[0], device, dtype)
         state = {"prompt_embeds": embeds.to(device=device, dtype=dtype), "prompt_attention_mask": mask.to(device)}
 
-        # on a CPU the steps' large activations reuse the memory of the previous step's (not fresh zero-filled pages)
-        kept = keep_freed_memory() if device.type == "cpu" else contextlib.nullcontext()
-        with running(self, "transformer") as transformer, kept, self.progress_bar(total=len(steps)) as bar:
+        with self._computing("transformer") as transformer, self.progress_bar(total=len(steps)) as bar:
             sigma = functools.partial(noise_level, self.scheduler)
             forward = transformer if reuse is None else StepCache(transformer, reuse, len(steps), sigma)
             if cuda_graphs and not is_compiled(transformer):  # a compiled one has its own ("reduce-overhead")
@@ -418,8 +416,6 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
 
             latents = sample(self.scheduler, model_fn, latents, steps, generator=generator, eta=eta, callback=on_step)
             del transformer, forward, model_fn  # staged: the block's end frees the transformer, before the VAE loads
-        if device.type == "cpu":
-            give_back_freed_memory()  # what the freed transformer left under the steps' last blocks
 
         # 5. Decode and 6. postprocess
         if output_type == "latent":
@@ -454,25 +450,27 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         """Latents -> images in [-1, 1], in the VAE's dtype (latents are cast: diffusers forgets to)."""
         if not is_available(self, "vae"):
             raise ValueError("this pipeline has no VAE (loaded with vae=None): use output_type='latent'")
-        with running(self, "vae") as vae:
-            cpu = module_device(vae).type == "cpu"
-            # on a CPU the decoder's large activations reuse freed memory (not fresh zero-filled pages)
-            with keep_freed_memory() if cpu else contextlib.nullcontext():
-                images = self._decode(vae, latents)
-        if cpu:
-            give_back_freed_memory()  # what a staged VAE left under the decode's last blocks
-        return images
+        with self._computing("vae") as vae:
+            z = latents.to(device=module_device(vae), dtype=module_dtype(vae)) / vae.config.scaling_factor
+            if vae.config.shift_factor is not None:
+                z = z + vae.config.shift_factor
+            if not isinstance(vae, AutoencoderKL) or (vae.tiling is not None or z[0, 0].numel() <= TILE_ABOVE):
+                return vae.decode(z, return_dict=False)[0]
+            # past 1024² the decoder's activations dominate memory: decode in tiles, one image at a time
+            vae.enable_tiling()
+            try:
+                return torch.cat([vae.decode(one, return_dict=False)[0] for one in z.split(1)])
+            finally:
+                vae.disable_tiling()
 
-    @staticmethod
-    def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
-        z = latents.to(device=module_device(vae), dtype=module_dtype(vae)) / vae.config.scaling_factor
-        if vae.config.shift_factor is not None:
-            z = z + vae.config.shift_factor
-        if not isinstance(vae, AutoencoderKL) or (vae.tiling is not None or z[0, 0].numel() <= TILE_ABOVE):
-            return vae.decode(z, return_dict=False)[0]
-        # past 1024² the decoder's activations dominate memory: decode in tiles, one image at a time
-        vae.enable_tiling()
-        try:
-            return torch.cat([vae.decode(one, return_dict=False)[0] for one in z.split(1)])
-        finally:
-            vae.disable_tiling()
+    @contextlib.contextmanager
+    def _computing(self, name: str):
+        """`running(self, name)` (staged: load, then free), and on a CPU, between the load and the free, freed large
+        blocks kept in malloc's heap for the next ones (the steps' and the decoder's activations repeat; not fresh
+        zero-filled pages each time); the freed model's pages, under the blocks that work left, go back after."""
+        with running(self, name) as model:
+            cpu = module_device(model).type == "cpu"
+            with keep_freed_memory() if cpu else contextlib.nullcontext():
+                yield model
+        if cpu:
+            give_back_freed_memory()

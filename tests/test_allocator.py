@@ -9,13 +9,14 @@ import subprocess
 import sys
 
 import pytest
+
 import pixart
 import pixart.pipeline
 from pixart.hardware import KEEP_FREED_ENV, keep_freed_memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
-# One process per case: the setting is process-wide and cannot be undone. 64 MB is above glibc's largest automatic
+# One fresh process per case: the setting is process-wide and the heap's layout carries over. 64 MB is above glibc's largest automatic
 # map threshold (32 MB), so by default every such tensor is a fresh mapping of 16384 zero-filled 4 KB pages.
 FAULTS = """
 import json, resource, torch
@@ -36,10 +37,15 @@ with keep_freed_memory() as took:
 """
 
 
-def page_faults(setting: str) -> dict:
+def run_script(script: str, setting: str) -> str:
+    """The last line `script` prints, run in a fresh process with PIXART_KEEP_FREED_MEMORY=setting."""
     env = {**os.environ, KEEP_FREED_ENV: setting}
-    out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def page_faults(setting: str) -> dict:
+    return json.loads(run_script(FAULTS, setting))
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
@@ -68,11 +74,10 @@ with keep_freed_memory():
     kept = rss_mb()
 print(round(kept - before), round(rss_mb() - before))
 """
-    out = subprocess.run([sys.executable, "-c", rss], env={**os.environ, KEEP_FREED_ENV: "1"},
-                         capture_output=True, text=True, check=True)
-    kept, after = map(int, out.stdout.split())
-    assert kept >= 200, out.stdout  # freed inside the block: still resident (256 MB, kept for reuse)
-    assert after <= 40, out.stdout  # after it: returned by malloc_trim
+    out = run_script(rss, "1")
+    kept, after = map(int, out.split())
+    assert kept >= 200, out  # freed inside the block: still resident (256 MB, kept for reuse)
+    assert after <= 40, out  # after it: returned by malloc_trim
 
 
 def test_opting_out_leaves_malloc_alone(monkeypatch):
