@@ -61,9 +61,13 @@ def weight_max(format: str, device: torch.device) -> float:
     return 63.0 if dynamic_kernel(format, device) == "onednn" else FORMATS[format][1]
 
 
-def quantize_rows(x: torch.Tensor, format: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row quantization of (M, K) floats: the values (M, K) and fp32 scales (M, 1)."""
+def quantize_rows(x: torch.Tensor, format: str, unsigned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization of (M, K) floats: the values (M, K) and fp32 scales (M, 1).
+
+    `unsigned` (int8): the values plus 128 as uint8, i.e. zero point 128, the input oneDNN's x86 kernel takes without
+    first shifting signed values itself (the same products; 6-13% faster per linear on a 2-core AVX2 EPYC)."""
     qdtype, qmax = FORMATS[format]
+    qdtype = torch.uint8 if unsigned else qdtype
     # max |x| as max(max x, −min x): two vectorised reductions and no |x| copy; on a CPU 10× faster than
     # vector_norm(x, inf) at (512, 4608), and the same value (NaN propagates in both)
     amax = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg()).float()
@@ -71,7 +75,8 @@ def quantize_rows(x: torch.Tensor, format: str) -> tuple[torch.Tensor, torch.Ten
 
     def values(rows: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         q = rows.float() / scales  # within ±qmax up to a rounding error, which round() and the fp8 cast absorb
-        return (q.round_() if format == "int8" else q).to(qdtype)
+        q = q.round_() if format == "int8" else q
+        return (q.add_(128) if unsigned else q).to(qdtype)  # unsigned: ±127 → 1..255, exact in fp32
 
     # (inside a compiled graph inductor fuses it all, with no temporary)
     if x.device.type != "cpu" or x.numel() * 4 <= CPU_CHUNK_BYTES or torch.compiler.is_compiling():
@@ -158,7 +163,10 @@ class DynamicLinear(nn.Module):
         # int8 linears take 2.1 ms fused against 4.1 unfused (bf16: 0.5). fp8's fewer passes are faster unfused
         # (2.0 ms against 3.2: the fused reduction is slow, and each compiled call costs ~0.1 ms of host time).
         fuse = fused if x.is_cuda and kernel == "int_mm" else unfused
-        q, sx = (triton_kernels.quantize_rows if triton_quantize else fuse(quantize_rows))(rows, self.format)
+        if kernel == "onednn":
+            q, sx = quantize_rows(rows, self.format, unsigned=True)
+        else:
+            q, sx = (triton_kernels.quantize_rows if triton_quantize else fuse(quantize_rows))(rows, self.format)
         sw = self.scale.float()
         if kernel == "scaled_mm":  # rowwise scales need a bf16 output, and then a bf16 bias
             out = torch._scaled_mm(q, self.values().t(), scale_a=sx, scale_b=sw[None], bias=self.bf16_bias(),
@@ -169,8 +177,8 @@ class DynamicLinear(nn.Module):
                 *x.shape[:-1], N)
         if kernel == "onednn":
             zero = torch.zeros(N, dtype=torch.long)
-            out = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, self.prepack(), sw, zero, None, 1.0, 0,
-                                                     torch.float32, "none", [], "")  # (M, N) = q Wqᵀ sw
+            out = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.prepack(), sw, zero, None, 1.0, 0,
+                                                     torch.float32, "none", [], "")  # (M, N) = (q − 128) Wqᵀ sw
         elif kernel == "int_mm":
             out = torch._int_mm(q, self.weight.t()).float().mul_(sw)
         else:  # integers and fp8 values are exact in fp32

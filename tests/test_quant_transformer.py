@@ -101,6 +101,10 @@ def test_quantize_rows_in_pieces_equals_whole_and_the_formula(format, monkeypatc
     assert whole[0].float().abs().amax(-1).eq(qmax).all()  # each row's largest magnitude maps to ±qmax
     formula = (x / scale).round() if format == "int8" else (x / scale).to(qdtype).float()
     assert torch.equal(whole[0].float(), formula)
+    if format == "int8":  # oneDNN's input: the same values shifted into 1..255 (zero point 128), also in pieces
+        q_unsigned, s_unsigned = quantize_rows(x, format, unsigned=True)
+        assert q_unsigned.dtype == torch.uint8 and torch.equal(s_unsigned, scale)
+        assert torch.equal(q_unsigned.int() - 128, q_whole.int())
 
 
 def test_onednn_kernel_without_vnni_refuses_full_range_weights():
