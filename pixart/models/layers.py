@@ -66,8 +66,11 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     For fp32 CPU inference it is computed as x·sigmoid(2u), the same function (1 + tanh u = 2·sigmoid(2u)), a few
     rows at a time: PyTorch's vectorised tanh is slow on a CPU, and a piece stays in cache through its five passes.
     On a 2-core AVX2 EPYC a (2, 1024, 4608) GELU (fc1's output at 512²) takes 9.6 ms against F.gelu's 25.3, at 1024²
-    37 against 68; both stay within 4e-7 of the float64 value (inputs of scale 0.6). Elsewhere (GPUs, bf16, autograd,
-    compiled graphs) it is F.gelu."""
+    37 against 68; both stay within 4e-7 of the float64 value (inputs of scale 0.6). In a graph compiled for a CPU
+    it is the same formula, which inductor fuses into the loop before it: 5.7 ms against 26 for its tanh code there.
+    Elsewhere (GPUs, bf16 eager, autograd) it is F.gelu."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        return x * torch.sigmoid(x * (_TWO_BETA + 0.044715 * _TWO_BETA * x * x))
     plain = (x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous()
              or (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling())
     if plain or x.dim() == 0 or x.numel() == 0:
