@@ -8,8 +8,10 @@ default, guidance interval, step caching at three settings, int8 (and fp8 on CUD
 both, and `steps-N` (plain sampling with N steps, to compare with a cache's work). Image rows give the PSNR to
 pixart's default image (the default row: to diffusers' image) and, with caching, how many steps ran the blocks.
 Options are pixart's alone: their speedup is against diffusers' default.
-`--model demo` measures the options on the demo model instead: the 54 captions with 2 seeds (as tests/test_demo.py),
-with the demo classifier's score (random weights say nothing about image quality); `--model FOLDER` any pipeline
+`--model demo` measures the options on the demo model instead: the 54 captions with `--demo-seeds` seeds (6 by
+default, 324 images: with tests/test_demo.py's 2 seeds, a perturbation of the int8 model by 1e-7 moved int8 + cache
+fast from 29.7 to 29.3 dB and its score by 2 images), with the demo classifier's score (random weights say nothing
+about image quality); `--model FOLDER` any pipeline
 folder (the step and decode rows always time the random real-size models).
 
     python bench/speed.py                                              # 512² and 1024², 20 steps: hours on a CPU
@@ -39,7 +41,7 @@ from folders import pipeline_folder
 from pixart.compile import COMPILE_MODES
 from pixart.demo import MODEL as DEMO_MODEL
 from pixart.demo.shapes import SIZE as DEMO_SIZE
-from pixart.demo.shapes import generate_all, score
+from pixart.demo.shapes import generate_all, labels, score
 from pixart.hardware import default_dtype, set_threads
 from pixart.quant_dynamic import DYNAMIC_QUANTIZATIONS
 
@@ -135,11 +137,11 @@ def worker(spec: dict) -> dict:
         elif demo:
             def call(warm):
                 evaluations.clear()  # this run's count only
-                return generate_all(pipe, seeds=(0, 1), num_inference_steps=2 if warm else steps,
-                                    output_type="np", **call_kwargs)
+                return generate_all(pipe, seeds=tuple(range(spec["demo_seeds"])),
+                                    num_inference_steps=2 if warm else steps, output_type="np", **call_kwargs)
 
-            times, (images, labels) = timed(call, spec["repeats"], device)
-            result["score"] = score(list(images), labels)
+            times, (images, image_labels) = timed(call, spec["repeats"], device)
+            result["score"] = score(list(images), image_labels)
         else:
             size, embeds = spec["size"], embeddings(Path(spec["folder"]), device, dtype)
 
@@ -204,6 +206,7 @@ def main() -> None:
                         help="pixart's dtype (default: bf16 where the device runs it natively, else fp32)")
     parser.add_argument("--baseline-dtype", choices=list(DTYPES), default=None,
                         help="diffusers' dtype (default: fp16 on CUDA, as its documentation runs it; else --dtype)")
+    parser.add_argument("--demo-seeds", type=int, default=6, help="with --model demo: seeds per caption (54 captions)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--compile", action="store_true", help="pipe.compile() the pixart rows (warm-up compiles)")
@@ -225,6 +228,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown or unavailable options {unknown}: choose from {', '.join(available)}, or steps-N "
                      "(N plain steps)")
+    if args.demo_seeds < 1:
+        parser.error(f"--demo-seeds must be at least 1, got {args.demo_seeds}")
     if args.model == "demo":
         if not (DEMO_MODEL / "model_index.json").is_file():
             parser.error(f"the demo model is not built ({DEMO_MODEL}): python scripts/build_demo.py")
@@ -234,6 +239,8 @@ def main() -> None:
               "threads": args.threads, "model": args.model}
     if args.compile:
         common.update(compile=args.compile_mode or "default", compile_vae=args.compile_vae)
+    if args.model == "demo":
+        common["demo_images"] = len(labels()) * args.demo_seeds
     tmp = Path(tempfile.mkdtemp(prefix="pixart-speed-"))
     for size in args.sizes:
         folder = ({"demo": DEMO_MODEL, "random": None}.get(args.model, Path(args.model))
@@ -248,7 +255,7 @@ def main() -> None:
                 continue
             spec = {"part": part, "size": size, "steps": args.steps, "folder": str(folder), "device": args.device,
                     "repeats": args.repeats, "threads": args.threads, "compile": args.compile,
-                    "compile_mode": args.compile_mode, "compile_vae": args.compile_vae}
+                    "compile_mode": args.compile_mode, "compile_vae": args.compile_vae, "demo_seeds": args.demo_seeds}
             base = run({**spec, "engine": "diffusers", "option": "default", "dtype": args.baseline_dtype,
                         "out": str(tmp / "diffusers.npy")})
             for option in options if part == "image" else ["default"]:
