@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --prompts: where the PNGs and manifest.jsonl go; existing PNGs are skipped (resume)")
     gen.add_argument("--negative-prompt", default="", help="what to steer away from (default: none)")
     gen.add_argument("--seed", type=int, default=None, help="seed of the first image, the next ones get seed+1, ... "
-                     "(default: a random one, printed; 0 with --prompts)")
+                     "(default or -1: a random one, printed; 0 with --prompts)")
     gen.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     gen.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
     gen.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")

@@ -20,6 +20,7 @@ from . import dist
 from .cli import LINE_KEYS, load_pipeline, speed_options
 from .images import png_info
 
+SEED_MAX = 2**63 - 1  # as the server's: torch's generators take up to 2**64 - 1, but 2**63 - 1 fits every JSON reader
 
 @dataclass(frozen=True)
 class Job:
@@ -82,6 +83,10 @@ def plan(entries: list[dict], args: argparse.Namespace, base_seed: int) -> list[
                 guidance=float(entry.get("guidance", args.guidance)), width=entry.get("width", args.width),
                 height=entry.get("height", args.height),
             ))
+            if not 0 <= jobs[-1].seed <= SEED_MAX:
+                fix = "its line's \"seed\"" if "seed" in entry else "--seed (or -1 for a random one)"
+                raise ValueError(f"image {len(jobs) - 1} would get seed {jobs[-1].seed}, outside 0 to 2**63 - 1 "
+                                 f"(the image i of a run gets the first seed + i): change {fix}")
     return jobs
 
 
@@ -169,13 +174,17 @@ def _plan_run(args: argparse.Namespace) -> tuple[list[Job], list[Path]]:
             raise ValueError(f"--output must be a .png path, got {output}")
         if not output.parent.exists():
             raise FileNotFoundError(f"the folder of --output ({output.parent}) does not exist: create it first")
-        if args.seed is None and "WORLD_SIZE" in os.environ:
+        if args.seed in (None, -1) and "WORLD_SIZE" in os.environ:
             raise ValueError("under torchrun, give --seed: each process would draw its own random one")
-        jobs = plan([{"prompt": args.prompt}], args, args.seed if args.seed is not None else random.randrange(2**32))
+        seed = random.randrange(2**32) if args.seed in (None, -1) else args.seed
+        jobs = plan([{"prompt": args.prompt}], args, seed)
         paths = [output] if len(jobs) == 1 else [output.with_name(f"{output.stem}-{i}.png") for i in range(len(jobs))]
         return jobs, paths
     if args.outdir is None:
         raise ValueError("--prompts needs --outdir DIR for the images")
+    if args.seed == -1:
+        raise ValueError("--seed -1 (random) goes with one prompt; with --prompts the seeds start at --seed (default 0) "
+                         "so that a run can be resumed")
     jobs = plan(read_prompts(args.prompts), args, args.seed or 0)
     try:
         args.outdir.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,14 @@ def test_generate_several_images_gets_consecutive_seeds(pipeline_dir_512, tmp_pa
     assert seeds == [3, 4]
 
 
+def test_seed_minus_one_draws_a_random_seed_as_the_server_does(pipeline_dir_512, tmp_path, monkeypatch):
+    monkeypatch.setattr("random.randrange", lambda n: 12345)  # what the CLI draws; -1 itself would reach torch
+    out = tmp_path / "random.png"
+    assert main(["generate", "artistic", "--model", str(pipeline_dir_512), "-o", str(out), "--seed", "-1",
+                 "--steps", "1", "--width", "128", "--height", "128", "--dtype", "fp32", "--quiet"]) == 0
+    assert json.loads(Image.open(out).text["parameters"])["seed"] == 12345
+
+
 def test_generate_with_an_original_pth_transformer(pipeline_dir_512, tmp_path):
     """--transformer swaps in a single-file checkpoint (here the folder's own weights, re-saved as .safetensors)."""
     from safetensors.torch import load_file, save_file
