@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -66,6 +67,8 @@ def _json_line(line: str, where: str) -> dict:
             raise ValueError(f"{where}: {key} must be {kind}, got {value!r}")
     if not entry.get("prompt", "").strip():
         raise ValueError(f"{where}: needs a non-empty \"prompt\"")
+    if not math.isfinite(entry.get("guidance", 0)):
+        raise ValueError(f"{where}: guidance must be a finite number, got {entry['guidance']!r}")
     for key in ("steps", "n"):
         if entry.get(key, 1) < 1:
             raise ValueError(f"{where}: {key} must be at least 1, got {entry[key]}")
@@ -163,6 +166,9 @@ def _plan_run(args: argparse.Namespace) -> tuple[list[Job], list[Path]]:
     for flag, value in (("--steps", args.steps), ("-n/--n", args.num_images), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number (default 4.5; 1 or less turns guidance off), got "
+                         f"{args.guidance}")
     if (args.prompt is None) == (args.prompts is None):
         raise ValueError("give either a prompt or --prompts FILE" if args.prompt is None
                          else "give either a prompt or --prompts FILE, not both")

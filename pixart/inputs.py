@@ -1,13 +1,15 @@
 """Checks of the generation inputs, and their expansion to one row per image."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .images import OUTPUT_TYPES
 
 
 def check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, output_type, callback_steps,
-               num_images_per_prompt, tensor_inputs) -> None:
+               num_images_per_prompt, tensor_inputs, guidance_scale: float = 4.5) -> None:
     """Raise a ValueError/TypeError naming the first argument of `__call__` that cannot work."""
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("pass exactly one of prompt and prompt_embeds")
@@ -27,6 +29,13 @@ def check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, o
         raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+    try:
+        finite = not isinstance(guidance_scale, (str, bytes)) and math.isfinite(float(guidance_scale))
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one value
+        finite = False
+    if not finite:
+        raise ValueError(f"guidance_scale must be a finite number (4.5 by default; 1 or less turns guidance off), "
+                         f"got {guidance_scale!r}")
     bad = [k for k in tensor_inputs if k not in ("latents", "prompt_embeds", "prompt_attention_mask")]
     if bad:
         raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not available; choose from latents, "

@@ -353,7 +353,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         num_images_per_prompt = num_images_per_prompt or 1
         output_type = output_type or "pil"
         check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, output_type, callback_steps,
-                    num_images_per_prompt, callback_on_step_end_tensor_inputs)
+                    num_images_per_prompt, callback_on_step_end_tensor_inputs, guidance_scale)
         cfg = self.model_config("transformer")
         height = height or cfg.sample_size * self.vae_scale_factor
         width = width or cfg.sample_size * self.vae_scale_factor

@@ -149,6 +149,7 @@ def test_jsonl_lines_carry_their_own_settings_and_seeds(pipeline_dir_512, tmp_pa
     ("{\"steps\": 2}\n", "line 1: needs a non-empty \"prompt\""),
     ("{\"prompt\": \"x\", \"n\": 0}\n", "line 1: n must be at least 1"),
     ("{\"prompt\": \"x\", \"seed\": \"1\"}\n", "line 1: seed must be an integer, got '1'"),
+    ("a cat\n{\"prompt\": \"x\", \"guidance\": NaN}\n", "line 2: guidance must be a finite number, got nan"),
     ("{\"prompt\": \"x\", \"seed\": 9223372036854775807, \"n\": 2}\n",
      "image 1 would get seed 9223372036854775808, outside 0 to 2**63 - 1 (the image i of a run gets the first seed + i): "
      "change its line's \"seed\""),
@@ -173,6 +174,7 @@ def test_bad_prompts_file_is_a_clear_error_naming_the_line(tmp_path, capsys, con
     (["a cat", "--seed", "99999999999999999999", "-o", "{tmp}/a.png"],
      "image 0 would get seed 99999999999999999999, outside 0 to 2**63 - 1"),
     (["a cat", "--seed", "-5", "-o", "{tmp}/a.png"], "change --seed (or -1 for a random one)"),
+    (["a cat", "--guidance", "nan", "-o", "{tmp}/a.png"], "--guidance must be a finite number"),
     (["--prompts", "{tmp}/p.txt", "--outdir", "{tmp}/out", "--seed", "-1"], "--seed -1 (random) goes with one prompt"),
 ])
 def test_bad_arguments_are_clear_errors(tmp_path, capsys, args, message):

@@ -172,6 +172,13 @@ def test_size_not_multiple_of_16_without_binning_names_the_fix(pipes_512):
         ours("artistic", height=264, width=136, use_resolution_binning=False, num_inference_steps=1)
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "4.5", None])
+def test_guidance_scale_that_is_not_a_finite_number_names_the_fix(pipes_512, scale):
+    ours, _ = pipes_512
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number"):  # not a NaN (black) image
+        ours("artistic", guidance_scale=scale, num_inference_steps=1, output_type="latent")
+
+
 def test_latents_are_cast_to_the_vae_dtype_before_decoding(pipeline_dir_512):
     pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
     pipe.vae.to(torch.bfloat16)
