@@ -200,8 +200,28 @@ class SchedulerConfig(JsonConfig):
         return dataclasses.replace(cfg, class_name=class_name)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields `class_name` takes in diffusers (a config.json that diffusers loads without warnings)."""
         d = super().to_dict()
-        return {"_class_name": d.pop("class_name"), **d}
+        name = d.pop("class_name")
+        own = CLASS_FIELDS.get(name)
+        return {"_class_name": name, **{k: v for k, v in d.items() if own is None or k in COMMON_FIELDS or k in own}}
+
+
+# The SchedulerConfig fields each diffusers class takes besides COMMON_FIELDS (tests/test_samplers.py checks them
+# against diffusers' signatures)
+COMMON_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                 "timestep_spacing", "steps_offset", "rescale_betas_zero_snr")
+_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+CLASS_FIELDS = {
+    "DPMSolverMultistepScheduler": ("thresholding", "solver_order", "algorithm_type", "solver_type",
+                                    "lower_order_final", "euler_at_final", "final_sigmas_type", "lambda_min_clipped",
+                                    "variance_type", "use_lu_lambdas", *_SIGMAS, "use_flow_sigmas"),
+    "DDIMScheduler": ("thresholding", "clip_sample", "clip_sample_range", "set_alpha_to_one"),
+    "EulerDiscreteScheduler": ("final_sigmas_type", *_SIGMAS, "interpolation_type", "timestep_type", "sigma_min",
+                               "sigma_max"),
+    "LCMScheduler": ("thresholding", "clip_sample", "clip_sample_range", "set_alpha_to_one", "original_inference_steps",
+                     "timestep_scaling"),
+}
 
 
 # The published PixArt-α transformers (Hub ids under PixArt-alpha/); the 256 model sets its pe interpolation.

@@ -1,4 +1,7 @@
 """Samplers against diffusers' schedulers: configs saved by diffusers, same timesteps, same latents at every step."""
+import dataclasses
+import json
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
@@ -316,3 +319,19 @@ def test_a_minimal_config_takes_the_class_defaults_diffusers_takes(cls, tmp_path
     assert torch.equal(make_timesteps(config, 4), scheduler.timesteps)
     assert torch.equal(noise_schedule(config), scheduler.alphas_cumprod)
     assert config.clip_sample == scheduler.config.clip_sample
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_saved_config_is_the_one_diffusers_writes_for_the_keys_we_know(cls, tmp_path):
+    """Our scheduler_config.json has only the class's own keys (diffusers loads it without unused keys) and the same
+    values as diffusers' own file for every key we read."""
+    cls.from_config({"beta_schedule": "scaled_linear", "timestep_spacing": "trailing"}).save_config(tmp_path / "d")
+    ours = SchedulerConfig.from_json(tmp_path / "d" / "scheduler_config.json")
+    ours.save(tmp_path / "ours.json")
+    written = json.loads((tmp_path / "ours.json").read_text())
+    assert written["_class_name"] == cls.__name__
+    _, unused = cls.from_config({k: v for k, v in written.items() if k != "_class_name"}, return_unused_kwargs=True)
+    assert unused == {}
+    theirs = json.loads((tmp_path / "d" / "scheduler_config.json").read_text())
+    known = {f.name for f in dataclasses.fields(SchedulerConfig)}
+    assert {k: v for k, v in theirs.items() if k in known} == {k: v for k, v in written.items() if k != "_class_name"}
