@@ -227,6 +227,17 @@ def test_every_route_but_health_and_the_page_needs_the_key(server):
     ("/api/jobs", {"prompt": "x", "width": 4096}, "width", "max_side"),
     ("/v1/images/generations", openai_body("x", guidance_interval=[5, 1]), "guidance_interval", "sigma_lo < sigma_hi"),
     ("/api/jobs", {"prompt": "x", "cache": "quick"}, "cache", "not a preset"),
+    # a zero side is an error, not the default size; messages name the route's own fields
+    ("/v1/images/generations", openai_body("x", size="0x256"), "size", "the width of size is 0"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "width": 512, "height": 0}, "height", "height is 0"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 3, "n_iter": 2}, "batch_size", "batch_size × n_iter is 6"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 1, "n_iter": 0}, "n_iter", "n_iter is 0"),
+    ("/v1/images/generations", openai_body("x", num_inference_steps=0), "num_inference_steps",
+     "num_inference_steps is 0"),
+    ("/v1/images/generations", openai_body(" "), "prompt", "prompt is empty"),
+    ("/api/jobs", {"prompt": ""}, "prompt", "prompt is empty"),
+    ("/api/jobs", {"prompt": "x", "cache": True}, "cache", "cache is true: it must be a preset name"),
+    ("/api/jobs", {"prompt": "x", "cache": [0.1, "two"]}, "cache", "[threshold, max_reuse]"),
 ])
 def test_bad_fields_answer_400_in_the_error_envelope_naming_the_field(server, path, body, param, says):
     client, gated = server
@@ -244,6 +255,44 @@ def test_unknown_routes_methods_and_bad_json_answer_in_the_error_envelope(server
                       (client.post("/v1/images/generations", content=b"{not json",
                                    headers={"Content-Type": "application/json"}), 400)):
         assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("content, content_type, says", [
+    (b'{"prompt": "x",', "application/json", "the body is not valid JSON (Expecting property name enclosed in "
+                                              "double quotes at character 15)"),
+    (b'{"prompt": "\xff\xfe caf\xe9"}', "application/json", "the body could not be read as JSON"),
+    (b"prompt=x", "application/x-www-form-urlencoded", "the body is not a JSON object"),
+    (b"", "application/json", "the body is missing"),
+])
+def test_a_body_that_is_not_a_json_object_says_what_to_send(server, content, content_type, says):
+    client, gated = server
+    r = client.post("/v1/images/generations", content=content, headers={"Content-Type": content_type})
+    assert r.status_code == 400
+    assert says in r.json()["error"]["message"] and "Content-Type: application/json" in r.json()["error"]["message"]
+    assert gated.calls == []
+
+
+def test_the_key_is_checked_before_the_body_and_a_huge_body_is_refused_unread(server):
+    client, gated = server
+    bare = httpx.Client(base_url=str(client.base_url), timeout=30)
+    assert bare.post("/v1/images/generations", content=b"{not json").status_code == 401
+    assert bare.get("/openapi.json").status_code == 401
+    assert client.get("/openapi.json").json()["paths"]["/v1/images/generations"]
+    r = client.post("/v1/images/generations", json={"prompt": "x", "pad": "a" * (2 << 20)})
+    assert r.status_code == 413 and "over 1048576 bytes" in r.json()["error"]["message"]
+    assert metric(client, 'pixart_requests_total{route="/v1/images/generations",status="413"}') == 1
+    assert bare.head("/health").status_code == 200 and bare.head("/").status_code == 200
+    assert gated.calls == []
+
+
+def test_a_request_without_sampler_gets_the_models_own_whatever_ran_before(server):
+    client, _ = server
+    schedulers = []
+    for sampler in (None, "DDIM", None):
+        r = client.post("/v1/images/generations", json=openai_body("x", scheduler=sampler))
+        assert r.status_code == 200, r.text
+        schedulers.append(json.loads(decode(r.json()["data"][0]["b64_json"]).text["parameters"])["scheduler"])
+    assert schedulers == ["DPM++ 2M", "DDIM", "DPM++ 2M"]
 
 
 def test_a_full_queue_answers_429_with_retry_after_and_every_accepted_request_completes(server):

@@ -11,13 +11,14 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..bins import classify_height_width_bin, model_bin_table
 from ..denoise import check_guidance_interval
@@ -38,6 +39,12 @@ SCHEDULER_ALIASES = {
 }
 
 
+# null means no negative prompt, as many clients send it
+NegativePrompt = Annotated[str, BeforeValidator(lambda v: "" if v is None else v)]
+# pixart.PixArtAlphaPipeline's cache=: a preset, a threshold, or [threshold, max_reuse]; never a bool
+Cache = StrictFloat | StrictInt | StrictStr | tuple[StrictFloat | StrictInt, StrictInt | None] | None
+
+
 @dataclass(frozen=True)
 class Limits:
     """The largest request the server accepts."""
@@ -46,6 +53,7 @@ class Limits:
     max_steps: int = 100
     max_side: int = 2048
     max_prompt_chars: int = 2000
+    max_body_bytes: int = 1 << 20  # a request body; prompts are short, so this is generous
 
 
 class ImagesRequest(BaseModel):
@@ -58,21 +66,21 @@ class ImagesRequest(BaseModel):
     model: str | None = None  # one model per server: accepted and ignored
     output_format: str | None = None
     stream: bool = False
-    negative_prompt: str = ""
+    negative_prompt: NegativePrompt = ""
     seed: int | None = None
     num_inference_steps: int = 20
     guidance_scale: float = 4.5
     scheduler: str | None = None
     guidance_interval: tuple[float, float] | None = None  # pixart.PixArtAlphaPipeline's
-    cache: float | str | None = None
+    cache: Cache = None
 
 
 class Txt2ImgRequest(BaseModel):
     """AUTOMATIC1111 `POST /sdapi/v1/txt2img` (the fields PixArt has; others are ignored)."""
 
     prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = -1
+    negative_prompt: NegativePrompt = ""
+    seed: int | None = -1
     steps: int = 20
     cfg_scale: float = 4.5
     width: int | None = None
@@ -86,7 +94,7 @@ class JobRequest(BaseModel):
     """The web page's `POST /api/jobs`."""
 
     prompt: str
-    negative_prompt: str = ""
+    negative_prompt: NegativePrompt = ""
     width: int | None = None
     height: int | None = None
     steps: int = 20
@@ -95,7 +103,7 @@ class JobRequest(BaseModel):
     n: int = 1
     scheduler: str | None = None
     guidance_interval: tuple[float, float] | None = None  # pixart.PixArtAlphaPipeline's
-    cache: float | str | None = None
+    cache: Cache = None
 
 
 def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None = None, max_queue: int = 32,
@@ -114,14 +122,13 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         yield
         worker.close()
 
-    app = FastAPI(title="pixart", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="pixart", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
-    app.add_middleware(CountRequests, metrics=metrics)
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=limits.max_body_bytes,
+                       routes=lambda: [*api.routes, *app.router.routes])
+    app.add_middleware(CountRequests, metrics=metrics)  # the outer one: it counts the gate's answers too
     for error_type, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error_type, handler)
-
-    async def authorize(request: Request) -> None:
-        check_key(api_key, request.headers.get("authorization"))
 
     async def authorize_events(request: Request) -> None:
         """EventSource cannot send headers: the events route also takes ?api_key=."""
@@ -134,6 +141,10 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
                            headers={"Retry-After": "5"})
         return worker.pipe
 
+    def default_sampler() -> str:
+        pipeline()  # loaded
+        return worker.default_scheduler.class_name
+
     def default_size() -> int:
         pipe = pipeline()
         return pipe.default_size
@@ -141,11 +152,13 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
     def make_settings(*, prompt: str, negative_prompt: str, width: int | None, height: int | None, steps: int,
                       guidance_scale: float, scheduler: str | None, n: int, seed: int | None,
                       names: dict[str, str], guidance_interval: tuple[float, float] | None = None,
-                      cache: float | str | None = None) -> Settings:
-        """Check a request against the limits; `names` maps our field names to the route's."""
+                      cache: Any = None, labels: dict[str, str] | None = None) -> Settings:
+        """Check a request against the limits; `names` maps our field names to the route's (`labels`: to what its
+        messages call them, where that differs)."""
         def check(ok: bool, field: str, value: Any, rule: str) -> None:
             if not ok:
-                raise ApiError(400, f"{field} is {value}: {rule}", param=names.get(field, field), code="invalid_value")
+                label = (labels or {}).get(field) or names.get(field, field)
+                raise ApiError(400, f"{label} is {value}: {rule}", param=names.get(field, field), code="invalid_value")
 
         for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             check(len(text) <= limits.max_prompt_chars, field, f"{len(text)} characters long",
@@ -153,7 +166,7 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         check(1 <= n <= limits.max_n, "n", n, f"it must be between 1 and max_n = {limits.max_n}")
         check(1 <= steps <= limits.max_steps, "steps", steps,
               f"it must be between 1 and max_steps = {limits.max_steps}")
-        width, height = width or default_size(), height or default_size()
+        width, height = (default_size() if side is None else side for side in (width, height))
         for field, side in (("width", width), ("height", height)):
             check(64 <= side <= limits.max_side and side % 8 == 0, field, side,
                   f"it must be a multiple of 8 between 64 and max_side = {limits.max_side}")
@@ -167,7 +180,7 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
             except ValueError as e:
                 raise ApiError(400, str(e), param=field, code="invalid_value") from None
         return Settings(prompt, negative_prompt, width, height, steps, float(guidance_scale),
-                        sampler(scheduler, pipeline(), names.get("scheduler", "scheduler")),
+                        sampler(scheduler, default_sampler(), names.get("scheduler", "scheduler")),
                         tuple(seed + i for i in range(n)), guidance_interval, cache)
 
     def submit(settings: Settings) -> Job:
@@ -187,7 +200,11 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
                 worker.cancel(job)
         return job.future.result()
 
-    api = APIRouter(dependencies=[Depends(authorize)])
+    api = APIRouter()  # behind the key: Gate checks it before a body is read
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> dict:
+        return app.openapi()
 
     @api.post("/v1/images/generations")
     async def images_generations(body: ImagesRequest, request: Request) -> dict:
@@ -197,11 +214,13 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         if body.output_format not in (None, "png") or body.stream:
             raise ApiError(400, "only whole PNG images are supported: leave out output_format and stream",
                            param="output_format" if body.output_format not in (None, "png") else "stream")
+        require_prompt(body.prompt)
         width, height = parse_size(body.size)
         job = submit(make_settings(
             prompt=body.prompt, negative_prompt=body.negative_prompt, width=width, height=height,
             steps=body.num_inference_steps, guidance_scale=body.guidance_scale, scheduler=body.scheduler, n=body.n,
             seed=body.seed, names={"steps": "num_inference_steps", "width": "size", "height": "size"},
+            labels={"width": "the width of size", "height": "the height of size"},
             guidance_interval=body.guidance_interval, cache=body.cache,
         ))
         images = await result(job, request)
@@ -209,13 +228,16 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
 
     @api.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
-        if body.batch_size < 1 or body.n_iter < 1:
-            raise ApiError(400, "batch_size and n_iter must be at least 1", param="batch_size")
+        for field in ("batch_size", "n_iter"):
+            if getattr(body, field) < 1:
+                raise ApiError(400, f"{field} is {getattr(body, field)}: it must be at least 1", param=field,
+                               code="invalid_value")
         job = submit(make_settings(
             prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width, height=body.height,
             steps=body.steps, guidance_scale=body.cfg_scale, scheduler=body.sampler_name,
             n=body.batch_size * body.n_iter, seed=body.seed,
             names={"n": "batch_size", "guidance_scale": "cfg_scale", "scheduler": "sampler_name"},
+            labels={"n": "batch_size × n_iter"},
         ))
         images = await result(job, request)
         s, n = job.settings, len(job.settings.seeds)
@@ -263,6 +285,7 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         now = time.monotonic()
         for job_id in [i for i, j in jobs.items() if j.finished_at is not None and now - j.finished_at > JOB_TTL_S]:
             del jobs[job_id]
+        require_prompt(body.prompt)
         job = submit(make_settings(
             prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width, height=body.height,
             steps=body.steps, guidance_scale=body.guidance_scale, scheduler=body.scheduler, n=body.n, seed=body.seed,
@@ -324,6 +347,8 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
             return FileResponse(PAGE, media_type="text/html")
         return PlainTextResponse("pixart serve: the web page is not installed; the API is at /v1/images/generations")
 
+    for path, route in (("/health", health), ("/", page)):  # HEAD as GET, for uptime monitors
+        app.add_api_route(path, route, methods=["HEAD"], include_in_schema=False, response_model=None)
     app.include_router(api)
     return app
 
@@ -338,14 +363,19 @@ def check_key(api_key: str | None, authorization: str | None) -> None:
                        type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def sampler(name: str | None, pipe: Any, param: str) -> str:
-    """The SAMPLERS key a request names (any alias, any case); None means the model's own."""
+def sampler(name: str | None, default: str, param: str) -> str:
+    """The SAMPLERS key a request names (any alias, any case); None means the model's own, `default`."""
     if name is None or name == "":
-        return pipe.scheduler.class_name
+        return default
     if name.lower() not in SCHEDULER_ALIASES:
         known = ", ".join(SAMPLER_NAMES.get(n, n) for n in SAMPLERS)
         raise ApiError(400, f"unknown scheduler {name!r}: choose one of {known}", param=param)
     return SCHEDULER_ALIASES[name.lower()]
+
+
+def require_prompt(prompt: str) -> None:
+    if not prompt.strip():
+        raise ApiError(400, "prompt is empty: describe the image to generate", param="prompt", code="invalid_value")
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -380,16 +410,39 @@ async def _api_error(request: Request, e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+# the forms of the fields that take several, for messages
+FORMS = {"cache": "a preset name (fast, faster, fastest), a threshold such as 0.1, [threshold, max_reuse] or null",
+         "guidance_interval": "[sigma_lo, sigma_hi], such as [0.28, 5.42], or null"}
+JSON_BODY = "send a JSON object in UTF-8 with the header Content-Type: application/json"
+
+
 async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-    first = e.errors()[0]
-    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-    message = f"{param}: {first['msg']}" if param else first["msg"]
-    return await _api_error(request, ApiError(400, message, param=param, code=first.get("type")))
+    errors = e.errors()
+    first, kind = errors[0], errors[0].get("type")
+    loc = [str(p) for p in first["loc"] if p != "body"]
+    if kind == "json_invalid":
+        reason, at = (first.get("ctx") or {}).get("error", "a syntax error"), f" at character {loc[0]}" if loc else ""
+        return await _api_error(request, ApiError(400, f"the body is not valid JSON ({reason}{at}): {JSON_BODY}",
+                                                  code=kind))
+    if not loc:  # the body as a whole
+        what = "the body is missing" if kind == "missing" else "the body is not a JSON object"
+        return await _api_error(request, ApiError(400, f"{what}: {JSON_BODY}", code=kind))
+    field = loc[0]
+    if sum(1 for err in errors if [p for p in err["loc"] if p != "body"][:1] == [field]) > 1:
+        # a field of several forms: pydantic reports each form's complaint, none of which helps
+        forms = FORMS.get(field, "one of the forms in /openapi.json")
+        message = f"{field} is {json.dumps(first.get('input'))}: it must be {forms}"
+    else:
+        message = f"{'.'.join(loc)}: {first['msg']}"
+    return await _api_error(request, ApiError(400, message, param=field, code=kind))
 
 
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-    return await _api_error(request, ApiError(e.status_code, str(e.detail), code=code, headers=e.headers))
+    message = str(e.detail)
+    if e.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's, for non-UTF-8 bytes
+        message = f"the body could not be read as JSON: {JSON_BODY}"
+    return await _api_error(request, ApiError(e.status_code, message, code=code, headers=e.headers))
 
 
 async def _server_error(request: Request, e: Exception) -> JSONResponse:
@@ -398,6 +451,53 @@ async def _server_error(request: Request, e: Exception) -> JSONResponse:
 
 ERROR_HANDLERS = {ApiError: _api_error, RequestValidationError: _validation_error,
                   StarletteHTTPException: _http_error, Exception: _server_error}
+
+
+class Gate:
+    """ASGI middleware in front of the routes: the API key (all but the open routes), then the body's size, both
+    before anything reads the body. The body is read here whole, up to `max_body_bytes` (413 past it)."""
+
+    OPEN = re.compile(r"/|/health|/api/config|/api/jobs/[^/]+/events")  # events check ?api_key= themselves
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, routes: Callable[[], list]):
+        self.app, self.api_key, self.max_body_bytes, self.routes = app, api_key, max_body_bytes, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            if not self.OPEN.fullmatch(scope["path"]):
+                headers = dict(scope["headers"])
+                check_key(self.api_key, headers.get(b"authorization", b"").decode("latin-1"))
+            if scope["method"] in ("GET", "HEAD"):
+                return await self.app(scope, receive, send)
+            chunks, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client went away
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > self.max_body_bytes:
+                    raise ApiError(413, f"the request body is over {self.max_body_bytes} bytes: a generation request "
+                                        "is a small JSON object", code="body_too_large")
+                if not message.get("more_body", False):
+                    break
+        except ApiError as e:
+            # the route it was meant for, for /metrics (the router, which would set it, never sees the request)
+            scope["route"] = next((r for r in self.routes() if hasattr(r, "path") and r.matches(scope)[0] == Match.FULL),
+                                  None)
+            return await JSONResponse(e.body(), status_code=e.status, headers=e.headers)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the disconnect the routes poll for
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class CountRequests:
