@@ -23,6 +23,7 @@ from .images import png_info
 
 SEED_MAX = 2**63 - 1  # as the server's: torch's generators take up to 2**64 - 1, but 2**63 - 1 fits every JSON reader
 
+
 @dataclass(frozen=True)
 class Job:
     """One image to generate: its place in the run and its settings."""

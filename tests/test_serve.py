@@ -187,6 +187,31 @@ def test_a1111_txt2img_returns_the_pipelines_images_with_the_seeds_in_info(serve
         np.testing.assert_array_equal(np.asarray(decode(got)), w)
 
 
+@pytest.mark.parametrize("fields, cls, shown", [
+    ({"sampler_name": "DPM++ 2M Karras"}, "DPMSolverMultistepScheduler", "DPM++ 2M Karras"),
+    ({"sampler_name": "Euler", "scheduler": "Karras"}, "EulerDiscreteScheduler", "Euler Karras"),  # A1111 1.9's
+])
+def test_a1111_karras_samplers_use_karras_noise_levels(server, pipe, fields, cls, shown):
+    client, _ = server
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a blue square", "seed": 3, "steps": 3, "width": 256,
+                                               "height": 256, **fields})
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["sampler_name"] == shown
+    default = pipe.scheduler
+    pipe.scheduler = default.replace(class_name=cls, use_karras_sigmas=True)
+    try:
+        want = pipe("a blue square", num_inference_steps=3, width=256, height=256,
+                    generator=[torch.Generator().manual_seed(3)]).images[0]
+        pipe.scheduler = default.replace(class_name=cls)
+        plain = pipe("a blue square", num_inference_steps=3, width=256, height=256,
+                     generator=[torch.Generator().manual_seed(3)]).images[0]
+    finally:
+        pipe.scheduler = default
+    got = np.asarray(decode(r.json()["images"][0]))
+    np.testing.assert_array_equal(got, np.asarray(want))
+    assert not np.array_equal(got, np.asarray(plain))  # the Karras levels changed the image
+
+
 def test_every_route_but_health_and_the_page_needs_the_key(server):
     client, _ = server
     bare = httpx.Client(base_url=str(client.base_url), timeout=30)
@@ -238,6 +263,9 @@ def test_every_route_but_health_and_the_page_needs_the_key(server):
     ("/api/jobs", {"prompt": ""}, "prompt", "prompt is empty"),
     ("/api/jobs", {"prompt": "x", "cache": True}, "cache", "cache is true: it must be a preset name"),
     ("/api/jobs", {"prompt": "x", "cache": [0.1, "two"]}, "cache", "[threshold, max_reuse]"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Euler a"}, "sampler_name", "Euler is the nearest"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "DDIM Karras"}, "sampler_name", "no Karras noise levels"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "scheduler": "Exponential"}, "scheduler", "use Automatic"),
 ])
 def test_bad_fields_answer_400_in_the_error_envelope_naming_the_field(server, path, body, param, says):
     client, gated = server
@@ -442,6 +470,12 @@ def test_a1111_progress_interrupt_models_and_samplers(server):
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
     assert client.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "tiny-512"
     assert {s["name"] for s in client.get("/sdapi/v1/samplers").json()} >= {"DPM++ 2M", "Euler", "DDIM"}
+    assert [s["label"] for s in client.get("/sdapi/v1/schedulers").json()] == ["Automatic", "Karras"]
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-512"
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-512", "CLIP_stop_at_last_layers": 2}
+                       ).status_code == 200
+    other = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sdxl.safetensors"})
+    assert other.status_code == 400 and "serves one model, tiny-512" in other.json()["error"]["message"]
     gated.step_gate.clear()
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(client.post, "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 10, "width": 256,

@@ -45,6 +45,10 @@ NegativePrompt = Annotated[str, BeforeValidator(lambda v: "" if v is None else v
 Cache = StrictFloat | StrictInt | StrictStr | tuple[StrictFloat | StrictInt, StrictInt | None] | None
 
 
+KARRAS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler")  # the samplers with Karras noise levels
+ANCESTRAL = ("euler a", "euler_a", "k_euler_a", "euler ancestral")  # AUTOMATIC1111's default sampler among them
+
+
 @dataclass(frozen=True)
 class Limits:
     """The largest request the server accepts."""
@@ -88,6 +92,7 @@ class Txt2ImgRequest(BaseModel):
     batch_size: int = 1
     n_iter: int = 1
     sampler_name: str | None = None
+    scheduler: str | None = None  # AUTOMATIC1111 1.9's noise schedule: "Automatic" or "Karras" here
 
 
 class JobRequest(BaseModel):
@@ -152,7 +157,7 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
     def make_settings(*, prompt: str, negative_prompt: str, width: int | None, height: int | None, steps: int,
                       guidance_scale: float, scheduler: str | None, n: int, seed: int | None,
                       names: dict[str, str], guidance_interval: tuple[float, float] | None = None,
-                      cache: Any = None, labels: dict[str, str] | None = None) -> Settings:
+                      cache: Any = None, labels: dict[str, str] | None = None, schedule: str | None = None) -> Settings:
         """Check a request against the limits; `names` maps our field names to the route's (`labels`: to what its
         messages call them, where that differs)."""
         def check(ok: bool, field: str, value: Any, rule: str) -> None:
@@ -179,9 +184,9 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
                 parse(value)
             except ValueError as e:
                 raise ApiError(400, str(e), param=field, code="invalid_value") from None
-        return Settings(prompt, negative_prompt, width, height, steps, float(guidance_scale),
-                        sampler(scheduler, default_sampler(), names.get("scheduler", "scheduler")),
-                        tuple(seed + i for i in range(n)), guidance_interval, cache)
+        key, karras = sampler(scheduler, default_sampler(), names.get("scheduler", "scheduler"), schedule)
+        return Settings(prompt, negative_prompt, width, height, steps, float(guidance_scale), key,
+                        tuple(seed + i for i in range(n)), guidance_interval, cache, karras)
 
     def submit(settings: Settings) -> Job:
         job = Job(settings, asyncio.get_running_loop())
@@ -237,13 +242,13 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
             steps=body.steps, guidance_scale=body.cfg_scale, scheduler=body.sampler_name,
             n=body.batch_size * body.n_iter, seed=body.seed,
             names={"n": "batch_size", "guidance_scale": "cfg_scale", "scheduler": "sampler_name"},
-            labels={"n": "batch_size × n_iter"},
+            labels={"n": "batch_size × n_iter"}, schedule=body.scheduler,
         ))
         images = await result(job, request)
         s, n = job.settings, len(job.settings.seeds)
         info = {"prompt": s.prompt, "all_prompts": [s.prompt] * n, "negative_prompt": s.negative_prompt,
                 "all_negative_prompts": [s.negative_prompt] * n, "seed": s.seeds[0], "all_seeds": list(s.seeds),
-                "width": s.width, "height": s.height, "sampler_name": SAMPLER_NAMES.get(s.scheduler, s.scheduler),
+                "width": s.width, "height": s.height, "sampler_name": s.sampler_name,
                 "cfg_scale": s.guidance_scale, "steps": s.steps, "batch_size": body.batch_size,
                 "n_iter": body.n_iter, "sd_model_name": model_name}
         return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info)}
@@ -265,15 +270,35 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         worker.interrupt()
         return {}
 
+    def checkpoint() -> str:
+        """The model's name as AUTOMATIC1111's clients see it."""
+        return Path(model_name).name or model_name
+
     @api.get("/sdapi/v1/sd-models")
     async def sd_models() -> list[dict]:
-        title = Path(model_name).name or model_name
-        return [{"title": title, "model_name": title, "hash": None, "sha256": None, "filename": model_name,
-                 "config": None}]
+        return [{"title": checkpoint(), "model_name": checkpoint(), "hash": None, "sha256": None,
+                 "filename": model_name, "config": None}]
 
     @api.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict]:
         return [{"name": SAMPLER_NAMES.get(name, name), "aliases": [name], "options": {}} for name in SAMPLERS]
+
+    @api.get("/sdapi/v1/schedulers")  # AUTOMATIC1111 1.9's noise schedules: the model's own, or Karras
+    async def schedulers() -> list[dict]:
+        return [{"name": "automatic", "label": "Automatic", "aliases": None},
+                {"name": "karras", "label": "Karras", "aliases": None}]
+
+    @api.get("/sdapi/v1/options")  # clients read the checkpoint here, and check the connection with it
+    async def options() -> dict:
+        return {"sd_model_checkpoint": checkpoint(), "samples_format": "png"}
+
+    @api.post("/sdapi/v1/options")
+    async def set_options(body: dict) -> None:
+        """One model per server: naming it again is fine, another one is an error; other options are ignored."""
+        wanted = body.get("sd_model_checkpoint")
+        if wanted not in (None, checkpoint(), model_name):
+            raise ApiError(400, f"this server serves one model, {checkpoint()}: start another `pixart serve --model "
+                                f"{wanted}` for {wanted!r}", param="sd_model_checkpoint", code="invalid_value")
 
     @api.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -363,14 +388,31 @@ def check_key(api_key: str | None, authorization: str | None) -> None:
                        type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def sampler(name: str | None, default: str, param: str) -> str:
-    """The SAMPLERS key a request names (any alias, any case); None means the model's own, `default`."""
-    if name is None or name == "":
-        return default
-    if name.lower() not in SCHEDULER_ALIASES:
-        known = ", ".join(SAMPLER_NAMES.get(n, n) for n in SAMPLERS)
-        raise ApiError(400, f"unknown scheduler {name!r}: choose one of {known}", param=param)
-    return SCHEDULER_ALIASES[name.lower()]
+def sampler(name: str | None, default: str, param: str, schedule: str | None = None) -> tuple[str, bool | None]:
+    """(the SAMPLERS key, Karras noise levels or None for the config's) of a request's sampler name (any alias, any
+    case, AUTOMATIC1111's "... Karras" too; None: the model's own, `default`) and of AUTOMATIC1111's separate
+    noise `schedule` field."""
+    karras = None
+    if schedule not in (None, "", "Automatic"):
+        if schedule.lower() != "karras":
+            raise ApiError(400, f"scheduler {schedule!r} is not available: use Automatic (the model's own) or Karras",
+                           param="scheduler")
+        karras = True
+    key = default
+    if name:
+        base = name.strip()
+        if base.lower().endswith(" karras"):
+            base, karras = base[: -len(" karras")].rstrip(), True
+        if base.lower() not in SCHEDULER_ALIASES:
+            known = ", ".join(SAMPLER_NAMES.get(n, n) for n in SAMPLERS)
+            ancestral = " (ancestral samplers are not available: Euler is the nearest)" if base.lower() in ANCESTRAL else ""
+            raise ApiError(400, f"unknown scheduler {name!r}{ancestral}: choose one of {known}, or DPM++ 2M Karras or "
+                                "Euler Karras", param=param)
+        key = SCHEDULER_ALIASES[base.lower()]
+    if karras and key not in KARRAS:
+        raise ApiError(400, f"{SAMPLER_NAMES.get(key, key)} has no Karras noise levels: they go with "
+                            f"{' or '.join(SAMPLER_NAMES[k] for k in KARRAS)}", param=param)
+    return key, karras
 
 
 def require_prompt(prompt: str) -> None:

@@ -51,11 +51,17 @@ class Settings:
     seeds: tuple[int, ...]
     guidance_interval: tuple[float, float] | None = None  # the pipeline's opt-in speed settings
     cache: float | str | None = None
+    karras: bool | None = None  # Karras noise levels (DPM++ 2M and Euler); None: as the model's scheduler config says
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys run as one pipeline call; prompts and negative prompts may differ per image."""
-        return (self.width, self.height, self.steps, self.guidance_scale, self.scheduler, self.guidance_interval,
-                self.cache)
+        return (self.width, self.height, self.steps, self.guidance_scale, self.scheduler, self.karras,
+                self.guidance_interval, self.cache)
+
+    @property
+    def sampler_name(self) -> str:
+        """The sampler as AUTOMATIC1111 names it: "DPM++ 2M", "DPM++ 2M Karras", ..."""
+        return SAMPLER_NAMES.get(self.scheduler, self.scheduler) + (" Karras" if self.karras else "")
 
 
 class Job:
@@ -300,7 +306,8 @@ class Worker:
                 job.progress(i + 1, first.steps)
             return {}
 
-        self.pipe.scheduler = self.default_scheduler.replace(class_name=first.scheduler)
+        karras = {} if first.karras is None else {"use_karras_sigmas": first.karras}
+        self.pipe.scheduler = self.default_scheduler.replace(class_name=first.scheduler, **karras)
         started = time.perf_counter()
         try:
             images = self.pipe(
@@ -339,5 +346,5 @@ class Worker:
 
     def describe(self, settings: Settings) -> dict[str, Any]:
         """A job's settings as the API shows them (and the PNG chunk stores them, with the image's seed)."""
-        out = {k: v for k, v in asdict(settings).items() if k != "seeds" and v is not None}
-        return {**out, "scheduler": SAMPLER_NAMES.get(settings.scheduler, settings.scheduler), "model": self.model_name}
+        out = {k: v for k, v in asdict(settings).items() if k not in ("seeds", "karras") and v is not None}
+        return {**out, "scheduler": settings.sampler_name, "model": self.model_name}
