@@ -16,6 +16,7 @@ from .hardware import default_device, default_dtype, set_threads
 from .prompt_cache import PromptCache
 from .quant_dynamic import DYNAMIC_QUANTIZATIONS
 from .reuse import PRESETS, cache_setting
+from .schedulers import SAMPLER_NAMES, sampler_by_name
 from .weights.files import WeightsError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-clean-caption", action="store_true", help="skip the caption cleaning diffusers does")
     gen.add_argument("--max-sequence-length", type=int, default=120, help="T5 tokens (default 120)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--sampler", type=_sampler_option, default=None, metavar="NAME",
+                     help="sample the model's noise schedule with another sampler: "
+                          f"{', '.join(SAMPLER_NAMES.values())}, DPM++ 2M Karras or Euler Karras (Karras noise "
+                          "levels), any case (default: the model's own, DPM++ 2M for PixArt-alpha)")
     gen.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                      help="guidance only at steps whose noise level sigma is in (LO, HI], the unconditional pass "
                           "skipped elsewhere (Kynkaanniemi et al. 2024; e.g. 0.28 5.42; default: every step)")
@@ -221,6 +226,14 @@ def _cache_option(value: str) -> float | str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return cache
+
+
+def _sampler_option(value: str) -> tuple[str, bool | None]:
+    """--sampler: (the sampler's class name, Karras noise levels or None)."""
+    try:
+        return sampler_by_name(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def speed_options(args: argparse.Namespace) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -205,6 +206,34 @@ class SchedulerConfig(JsonConfig):
         name = d.pop("class_name")
         own = CLASS_FIELDS.get(name)
         return {"_class_name": name, **{k: v for k, v in d.items() if own is None or k in COMMON_FIELDS or k in own}}
+
+    @property
+    def config(self) -> "ConfigDict":
+        """diffusers' `scheduler.config`: the dict a scheduler class's `from_config` takes (pixart's or diffusers')."""
+        return ConfigDict(self.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        **hub_kwargs: Any) -> "SchedulerConfig":
+        """The scheduler_config.json of a folder or Hub id; `subfolder="scheduler"` for a pipeline's."""
+        from .weights.hub import resolve
+
+        path = resolve(pretrained_model_name_or_path, subfolder, **hub_kwargs) / "scheduler_config.json"
+        if not path.is_file() and (path.parent / "scheduler" / path.name).is_file():
+            raise FileNotFoundError(f"{path} is missing: {pretrained_model_name_or_path} is a pipeline, pass "
+                                    "subfolder=\"scheduler\"")
+        return cls.from_json(path)
+
+
+class ConfigDict(dict):
+    """A config dict whose keys also read as attributes (`pipe.scheduler.config.num_train_timesteps`), as
+    diffusers' FrozenDict; a copy: changing it leaves the scheduler as it was."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"the scheduler config has no key {name!r}") from None
 
 
 # The SchedulerConfig fields each diffusers class takes besides COMMON_FIELDS (tests/test_samplers.py checks them

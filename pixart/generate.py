@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import dist
 from .cli import LINE_KEYS, load_pipeline, speed_options
 from .images import png_info
+from .schedulers import sampler_label, with_sampler
 
 SEED_MAX = 2**63 - 1  # as the server's: torch's generators take up to 2**64 - 1, but 2**63 - 1 fits every JSON reader
 
@@ -113,6 +114,8 @@ def generate(args: argparse.Namespace) -> list[Path]:
     with dist.session():
         started = time.perf_counter()
         pipe = load_pipeline(args)
+        if args.sampler:
+            pipe.scheduler = with_sampler(pipe.scheduler, *args.sampler)
         loaded = time.perf_counter()
         default_size = pipe.default_size
         jobs = [replace(j, width=j.width or default_size, height=j.height or default_size) for j in jobs]
@@ -126,7 +129,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
             summary += f" ({len(jobs) - written} already there; manifest {args.outdir / 'manifest.jsonl'})"
             if dist.rank() == 0:
                 _write_manifest(args.outdir / "manifest.jsonl", jobs, paths, args.model, pipe.dtype,
-                                speed_options(args))
+                                recorded_options(args))
         processes = f" x {dist.world_size()} processes" if dist.world_size() > 1 else ""
         dist.print0(f"loaded in {loaded - started:.1f} s, {summary} in {time.perf_counter() - loaded:.1f} s on "
                     f"{pipe.device}{processes} in {str(pipe.dtype).removeprefix('torch.')}", file=sys.stderr)
@@ -139,7 +142,7 @@ def _generate_batches(pipe, mine: list[list[Job]], paths: list[Path], args: argp
     quiet = args.quiet or dist.rank() != 0
     pipe.set_progress_bar_config(disable=quiet or skip_existing)  # many prompts: one bar over images, not steps
     bar = tqdm(total=sum(map(len, mine)), unit="image", disable=quiet or not skip_existing)
-    written, options = 0, speed_options(args)
+    written, options, recorded = 0, speed_options(args), recorded_options(args)
     for batch in mine:
         first = batch[0]
         images = pipe(
@@ -153,7 +156,7 @@ def _generate_batches(pipe, mine: list[list[Job]], paths: list[Path], args: argp
             path = paths[job.index]
             if skip_existing and path.exists():
                 continue
-            _save_atomic(image, path, png_info(_settings(job, args.model, pipe.dtype, options)))
+            _save_atomic(image, path, png_info(_settings(job, args.model, pipe.dtype, recorded)))
             written += 1
             if not skip_existing:
                 print(f"wrote {path} (seed {job.seed})")
@@ -205,6 +208,11 @@ def _plan_run(args: argparse.Namespace) -> tuple[list[Job], list[Path]]:
 def _slug(prompt: str) -> str:
     """A file-name-safe start of the prompt."""
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:40].strip("-") or "image"
+
+
+def recorded_options(args: argparse.Namespace) -> dict:
+    """The run's options that each image records beside its own settings: the speed options and the sampler, if set."""
+    return {**speed_options(args), **({"sampler": sampler_label(*args.sampler)} if args.sampler else {})}
 
 
 def _settings(job: Job, model: str, dtype: torch.dtype, options: dict) -> dict:

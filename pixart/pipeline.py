@@ -29,6 +29,7 @@ from .models.vae import AutoencoderKL
 from .prompt_cache import PromptCache, fingerprint
 from .reuse import StepCache, cache_setting
 from .samplers import make_timesteps, randn_tensor, sample
+from .schedulers import as_scheduler
 from .tokenizer import T5Tokenizer, preprocess_prompt, warn_truncated
 from .weights.hub import resolve
 
@@ -45,18 +46,6 @@ class ImagePipelineOutput:
     """What `pipe(...)` returns: `.images` (PIL list, NHWC array, NCHW tensor or latents)."""
 
     images: Any
-
-
-def _as_scheduler_config(scheduler: Any) -> SchedulerConfig:
-    """Our config, or one read from a diffusers scheduler object (duck typing on `.config`)."""
-    if isinstance(scheduler, SchedulerConfig):
-        return scheduler
-    config = getattr(scheduler, "config", scheduler)
-    if isinstance(config, dict) or hasattr(config, "items"):
-        d = dict(config.items())
-        d.setdefault("_class_name", type(scheduler).__name__)
-        return SchedulerConfig.from_dict(d)
-    raise TypeError(f"scheduler must be a pixart SchedulerConfig or a diffusers scheduler, got {type(scheduler)}")
 
 
 class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
@@ -92,13 +81,25 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         self._execution_target = torch.device(device) if device is not None else None
         self._load_dtype = load_dtype or torch.float32
         self._target_dtype: torch.dtype | None = None
-        self.scheduler = _as_scheduler_config(scheduler if scheduler is not None else SchedulerConfig())
+        # checked when sampling, so that a folder's unsupported scheduler can be replaced after loading
+        self._scheduler = as_scheduler(scheduler if scheduler is not None else SchedulerConfig(), check=False)
         vae_config = self.model_config("vae")
         scale = 2 ** (len(vae_config.block_out_channels) - 1) if vae_config is not None else 8
         self.vae_scale_factor = scale
         self.image_processor = ImageProcessor(vae_scale_factor=scale)
         self._progress_bar_config: dict[str, Any] = {}
         self.lora = Adapters()  # re-applied to the transformer whenever it loads
+
+    @property
+    def scheduler(self) -> SchedulerConfig:
+        """The sampler and its noise schedule (diffusers' scheduler classes' config)."""
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler: Any) -> None:
+        """`pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)`, with pixart's classes or
+        diffusers' (a class or option pixart does not implement is a ValueError naming what it does)."""
+        self._scheduler = as_scheduler(scheduler)
 
     def model_config(self, name: str) -> Any:
         """The config of the transformer or the VAE, without loading the model (a staged pipeline may not have)."""

@@ -39,7 +39,8 @@ SUPPORTED_OPTIONS = {
 F64 = torch.float64
 
 
-def _check(config: SchedulerConfig) -> None:
+def check_config(config: SchedulerConfig) -> None:
+    """ValueError unless pixart samples with this class and these options, naming what it supports."""
     if config.class_name not in SAMPLERS:
         raise ValueError(f"scheduler {config.class_name!r} is not supported: use one of {', '.join(SAMPLERS)}")
     for name, values in SUPPORTED_OPTIONS.items():
@@ -227,7 +228,7 @@ _TIMESTEPS = {"DPMSolverMultistepScheduler": _dpm_timesteps, "DDIMScheduler": _d
 def make_timesteps(config: SchedulerConfig, num_inference_steps: int | None = None,
                    timesteps: Sequence[int] | None = None) -> torch.Tensor:
     """The timesteps diffusers' scheduler of `config.class_name` sets: int64, or float32 for Euler."""
-    _check(config)
+    check_config(config)
     if (num_inference_steps is None) == (timesteps is None):
         raise ValueError("pass exactly one of num_inference_steps or timesteps")
     if timesteps is not None:
@@ -410,7 +411,7 @@ def sample(config: SchedulerConfig, model_fn: ModelFn, x: torch.Tensor, timestep
            generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
            callback: Callback | None = None) -> torch.Tensor:
     """Denoise unit-variance noise `x` over `timesteps` with the sampler of `config.class_name`."""
-    _check(config)
+    check_config(config)
     sampler = SAMPLERS[config.class_name]
     extra = {"eta": eta} if sampler is sample_ddim else {}  # as diffusers, the other samplers ignore eta
     return sampler(config, model_fn, x, timesteps, generator=generator, callback=callback, **extra)

@@ -21,30 +21,19 @@ from ..bins import classify_height_width_bin, model_bin_table
 from ..denoise import check_guidance_interval
 from ..reuse import cache_setting
 from ..samplers import SAMPLERS
+from ..schedulers import SAMPLER_NAMES, check_karras, sampler_by_name
 from .transport import ERROR_HANDLERS, CountRequests, Gate, check_key
-from .worker import SAMPLER_NAMES, ApiError, Job, Metrics, QueueFull, Settings, Worker
+from .worker import ApiError, Job, Metrics, QueueFull, Settings, Worker
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks whether its client is still there
 JOB_TTL_S = 600  # finished web-page jobs are forgotten after this long
 SIZE_LABELS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))  # width:height presets, snapped to bins
-# lower-case name -> sampler: the class names, the display names, and the names A1111 and k-diffusion use
-SCHEDULER_ALIASES = {
-    **{name.lower(): name for name in SAMPLERS},
-    **{shown.lower(): name for name, shown in SAMPLER_NAMES.items() if name in SAMPLERS},
-    "dpmpp_2m": "DPMSolverMultistepScheduler", "k_dpmpp_2m": "DPMSolverMultistepScheduler",
-    "dpm++": "DPMSolverMultistepScheduler", "k_euler": "EulerDiscreteScheduler", "k_ddim": "DDIMScheduler",
-}
-
 
 # null means no negative prompt, as many clients send it
 NegativePrompt = Annotated[str, BeforeValidator(lambda v: "" if v is None else v)]
 # pixart.PixArtAlphaPipeline's cache=: a preset, a threshold, or [threshold, max_reuse]; never a bool
 Cache = StrictFloat | StrictInt | StrictStr | tuple[StrictFloat | StrictInt, StrictInt | None] | None
-
-
-KARRAS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler")  # the samplers with Karras noise levels
-ANCESTRAL = ("euler a", "euler_a", "k_euler_a", "euler ancestral")  # AUTOMATIC1111's default sampler among them
 
 
 @dataclass(frozen=True)
@@ -387,19 +376,14 @@ def sampler(name: str | None, default: str, param: str, schedule: str | None = N
                            param="scheduler")
         karras = True
     key = default
-    if name:
-        base = name.strip()
-        if base.lower().endswith(" karras"):
-            base, karras = base[: -len(" karras")].rstrip(), True
-        if base.lower() not in SCHEDULER_ALIASES:
-            known = ", ".join(SAMPLER_NAMES.get(n, n) for n in SAMPLERS)
-            ancestral = " (ancestral samplers are not available: Euler is the nearest)" if base.lower() in ANCESTRAL else ""
-            raise ApiError(400, f"unknown scheduler {name!r}{ancestral}: choose one of {known}, or DPM++ 2M Karras or "
-                                "Euler Karras", param=param)
-        key = SCHEDULER_ALIASES[base.lower()]
-    if karras and key not in KARRAS:
-        raise ApiError(400, f"{SAMPLER_NAMES.get(key, key)} has no Karras noise levels: they go with "
-                            f"{' or '.join(SAMPLER_NAMES[k] for k in KARRAS)}", param=param)
+    try:
+        if name:
+            key, named_karras = sampler_by_name(name)
+            karras = karras or named_karras
+        if karras:
+            check_karras(key)
+    except ValueError as e:
+        raise ApiError(400, str(e), param=param) from None
     return key, karras
 
 

@@ -16,12 +16,9 @@ from typing import Any, Callable
 import torch
 
 from ..images import png_info
+from ..schedulers import sampler_label, with_sampler
 
 logger = logging.getLogger("pixart.serve")
-
-# sampler (a key of pixart.samplers.SAMPLERS) -> the name AUTOMATIC1111 clients and the web page show
-SAMPLER_NAMES = {"DPMSolverMultistepScheduler": "DPM++ 2M", "DDIMScheduler": "DDIM",
-                 "EulerDiscreteScheduler": "Euler", "LCMScheduler": "LCM"}
 
 
 class ApiError(Exception):
@@ -61,7 +58,7 @@ class Settings:
     @property
     def sampler_name(self) -> str:
         """The sampler as AUTOMATIC1111 names it: "DPM++ 2M", "DPM++ 2M Karras", ..."""
-        return SAMPLER_NAMES.get(self.scheduler, self.scheduler) + (" Karras" if self.karras else "")
+        return sampler_label(self.scheduler, self.karras)
 
 
 class Job:
@@ -306,8 +303,7 @@ class Worker:
                 job.progress(i + 1, first.steps)
             return {}
 
-        karras = {} if first.karras is None else {"use_karras_sigmas": first.karras}
-        self.pipe.scheduler = self.default_scheduler.replace(class_name=first.scheduler, **karras)
+        self.pipe.scheduler = with_sampler(self.default_scheduler, first.scheduler, first.karras)
         started = time.perf_counter()
         try:
             images = self.pipe(

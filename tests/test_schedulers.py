@@ -1,0 +1,167 @@
+"""diffusers' scheduler-switching idiom (`pipe.scheduler = X.from_config(pipe.scheduler.config)`) with pixart's
+classes and diffusers' own, against diffusers' results; the CLI's --sampler."""
+from __future__ import annotations
+
+import json
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pixart
+from pixart.cli import main
+from pixart.configs import SchedulerConfig
+from pixart.samplers import make_timesteps
+from pixart.schedulers import sampler_by_name
+
+NAMES = ["DPMSolverMultistepScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "LCMScheduler"]
+# PixArt-α's scheduler_config.json, as diffusers saves it
+PIXART_DPM = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                  prediction_type="epsilon", solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+                  lower_order_final=True, timestep_spacing="linspace", final_sigmas_type="zero", steps_offset=0)
+CHANGES = [{}, {"timestep_spacing": "trailing"}, {"steps_offset": 1, "timestep_spacing": "leading"}]
+IMAGE_TOL = 2e-3  # [0, 1] fp32 images against diffusers' pipeline: tests/test_pipeline.py's bound
+
+
+def ours_from_theirs(scheduler) -> SchedulerConfig:
+    """diffusers' scheduler as our config (its config's _class_name is the class it was made from, not its own)."""
+    return SchedulerConfig.from_dict({**scheduler.config, "_class_name": type(scheduler).__name__})
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("changes", CHANGES)
+def test_from_config_gives_what_diffusers_from_config_gives(name, changes):
+    theirs = getattr(diffusers, name).from_config(diffusers.DPMSolverMultistepScheduler(**PIXART_DPM).config,
+                                                  **changes)
+    dpm = pixart.DPMSolverMultistepScheduler(**PIXART_DPM)
+    ours = getattr(pixart, name).from_config(dpm.config, **changes)
+    assert isinstance(ours, SchedulerConfig) and ours.class_name == name
+    assert ours == ours_from_theirs(theirs)
+    # the class's own defaults fill what the DPM config lacks, as in diffusers (DDIM clips, LCM's steps limit)
+    if name == "DDIMScheduler":
+        assert ours.clip_sample is True
+    # and diffusers' from_config takes our .config: the same scheduler as from its own
+    assert ours_from_theirs(getattr(diffusers, name).from_config(dpm.config, **changes)) == ours
+    theirs.set_timesteps(20)
+    assert torch.equal(make_timesteps(ours, 20).long(), theirs.timesteps.long())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_constructor_defaults_are_diffusers_defaults(name):
+    assert getattr(pixart, name)() == ours_from_theirs(getattr(diffusers, name)())
+    assert pixart.EulerDiscreteScheduler(use_karras_sigmas=True) == ours_from_theirs(
+        diffusers.EulerDiscreteScheduler(use_karras_sigmas=True))
+
+
+def test_config_reads_as_a_dict_and_by_attribute():
+    config = pixart.DDIMScheduler(steps_offset=1).config
+    assert config["_class_name"] == "DDIMScheduler" and config.steps_offset == 1 and config["clip_sample"] is True
+    with pytest.raises(AttributeError, match="no key 'solver_order'"):
+        config.solver_order  # noqa: B018 (DDIM has none)
+
+
+def test_options_a_class_lacks_or_pixart_does_not_implement_are_clear_errors():
+    with pytest.raises(TypeError, match="DDIMScheduler has no option use_karras_sigmas"):
+        pixart.DDIMScheduler(use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="algorithm_type='sde-dpmsolver\\+\\+' is not supported"):
+        pixart.DPMSolverMultistepScheduler.from_config({}, algorithm_type="sde-dpmsolver++")
+    with pytest.raises(TypeError, match="takes a config dict"):
+        pixart.EulerDiscreteScheduler.from_config("PixArt-alpha/PixArt-XL-2-1024-MS")
+
+
+def test_from_pretrained_reads_a_pipeline_folder_scheduler(pipeline_dir_512):
+    saved = SchedulerConfig.from_json(pipeline_dir_512 / "scheduler" / "scheduler_config.json")
+    assert pixart.DPMSolverMultistepScheduler.from_pretrained(pipeline_dir_512, subfolder="scheduler") == saved
+    euler = pixart.EulerDiscreteScheduler.from_pretrained(pipeline_dir_512, subfolder="scheduler")
+    assert euler == pixart.EulerDiscreteScheduler.from_config(saved.config)
+    assert euler == ours_from_theirs(diffusers.EulerDiscreteScheduler.from_pretrained(pipeline_dir_512,
+                                                                                     subfolder="scheduler"))
+    with pytest.raises(FileNotFoundError, match='pass subfolder="scheduler"'):
+        pixart.DDIMScheduler.from_pretrained(pipeline_dir_512)
+
+
+@pytest.fixture(scope="module")
+def pipes(pipeline_dir_512):
+    ours = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
+    ref = diffusers.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
+    for pipe in (ours, ref):
+        pipe.set_progress_bar_config(disable=True)
+    return ours, ref
+
+
+def generate(pipe) -> np.ndarray:
+    return pipe("a red circle", num_inference_steps=3, width=256, height=256, output_type="np",
+                generator=torch.Generator().manual_seed(4)).images
+
+
+@pytest.mark.parametrize("name, changes", [
+    ("DDIMScheduler", {}), ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    # the tiny model's image hardly moves with "trailing" spacing (2e-4): "leading" moves it (0.17)
+    ("DPMSolverMultistepScheduler", {"timestep_spacing": "leading", "steps_offset": 1})])
+def test_switching_the_scheduler_as_in_diffusers_gives_diffusers_images(pipes, name, changes):
+    ours, ref = pipes
+    default_ours, default_ref = ours.scheduler, ref.scheduler
+    try:
+        plain = generate(ours)
+        ref.scheduler = getattr(diffusers, name).from_config(ref.scheduler.config, **changes)
+        ours.scheduler = getattr(pixart, name).from_config(ours.scheduler.config, **changes)
+        want, got = generate(ref), generate(ours)
+        assert np.abs(got - want).max() < IMAGE_TOL
+        assert np.abs(got - plain).max() > 10 * IMAGE_TOL  # the switch changed the image
+        # diffusers' own class assigned to our pipeline: the same config, the same image bit for bit
+        ours.scheduler = getattr(diffusers, name).from_config(default_ours.config, **changes)
+        assert isinstance(ours.scheduler, SchedulerConfig) and ours.scheduler.class_name == name
+        np.testing.assert_array_equal(generate(ours), got)
+    finally:
+        ours.scheduler, ref.scheduler = default_ours, default_ref
+
+
+def test_assigning_a_sampler_pixart_lacks_fails_at_once(pipes):
+    ours, _ = pipes
+    before = ours.scheduler
+    with pytest.raises(ValueError, match="'EulerAncestralDiscreteScheduler' is not supported: use one of"):
+        ours.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(ours.scheduler.config)
+    with pytest.raises(TypeError, match="got str"):
+        ours.scheduler = "euler"
+    assert ours.scheduler is before  # a refused assignment leaves the scheduler as it was
+
+
+@pytest.mark.parametrize("name, key, karras", [
+    ("euler", "EulerDiscreteScheduler", None), ("DPM++ 2M Karras", "DPMSolverMultistepScheduler", True),
+    ("euler-karras", "EulerDiscreteScheduler", True), ("DDIMScheduler", "DDIMScheduler", None),
+    ("k_dpmpp_2m", "DPMSolverMultistepScheduler", None)])
+def test_sampler_names(name, key, karras):
+    assert sampler_by_name(name) == (key, karras)
+
+
+@pytest.mark.parametrize("name, message", [("heun", "unknown scheduler 'heun': choose one of DPM\\+\\+ 2M, DDIM"),
+                                           ("Euler a", "ancestral samplers are not available"),
+                                           ("ddim karras", "DDIM has no Karras noise levels")])
+def test_unknown_sampler_names_list_the_choices(name, message):
+    with pytest.raises(ValueError, match=message):
+        sampler_by_name(name)
+
+
+def test_cli_sampler_flag_samples_with_it_and_records_it(pipeline_dir_512, tmp_path, capsys):
+    out = tmp_path / "euler.png"
+    assert main(["generate", "a red circle", "--model", str(pipeline_dir_512), "-o", str(out), "--seed", "2",
+                 "--steps", "3", "--width", "128", "--height", "128", "--dtype", "fp32", "--quiet",
+                 "--sampler", "Euler Karras"]) == 0, capsys.readouterr().err
+    image = Image.open(out)
+    assert json.loads(image.text["parameters"])["sampler"] == "Euler Karras"
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
+    pipe.set_progress_bar_config(disable=True)
+    # the model's noise schedule with the Euler sampler and Karras levels, the other fields as they are
+    pipe.scheduler = pipe.scheduler.replace(class_name="EulerDiscreteScheduler", use_karras_sigmas=True)
+    want = pipe("a red circle", num_inference_steps=3, width=128, height=128,
+                generator=[torch.Generator().manual_seed(2)]).images[0]
+    np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(want))
+
+
+def test_cli_unknown_sampler_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "x", "--model", "demo", "--sampler", "Euler a"])
+    assert exit_info.value.code == 2
+    assert "ancestral samplers are not available: Euler is the nearest" in capsys.readouterr().err
