@@ -269,6 +269,30 @@ class ModelPlacement:
                 self._loaded[name].to("cpu")
         self.memory, self._execution_target = "offload", target
 
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
+        """diffusers' layer-by-layer offloading is not implemented: whole models are offloaded instead (a warning
+        says so), so the GPU must hold the largest model (T5-XXL: 9.5 GB in bf16, ~5 GB quantized to int8)."""
+        logger.warning("pixart offloads whole models, not layers: enable_sequential_cpu_offload() does what "
+                       "enable_model_cpu_offload() does; on a small GPU load with text_encoder_quantization='int8'")
+        self.enable_model_cpu_offload(gpu_id, device)
+
+    def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:
+        """Accepted for diffusers code, and not needed: pixart's attention (PyTorch's fused
+        scaled_dot_product_attention) never holds a whole attention matrix of the image."""
+        logger.info("enable_attention_slicing: pixart's fused attention needs no slicing; nothing changed")
+
+    def disable_attention_slicing(self) -> None:
+        """Accepted for diffusers code (see enable_attention_slicing)."""
+
+    def enable_xformers_memory_efficient_attention(self, attention_op: Any = None) -> None:
+        """Accepted for diffusers code, and not needed: PyTorch's fused attention (flash / memory-efficient / cuDNN
+        kernels) gives what xformers gives, without the package."""
+        logger.info("enable_xformers_memory_efficient_attention: pixart uses PyTorch's fused attention; nothing "
+                    "changed")
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        """Accepted for diffusers code (see enable_xformers_memory_efficient_attention)."""
+
     def compile(self, mode: str | None = None, vae: bool | None = None) -> "ModelPlacement":
         """torch.compile the transformer's blocks (and the VAE decoder, see `vae`) in place, for the run device.
 

@@ -211,3 +211,16 @@ def test_calling_a_pipeline_without_transformer_explains(pipeline_dir_512):
     pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, transformer=None)
     with pytest.raises(ValueError, match="transformer=None"):
         pipe("artistic")
+
+
+def test_diffusers_memory_calls_are_accepted_and_change_nothing(pipes_512):
+    ours, _ = pipes_512
+    before = run_both(pipes_512, prompt="a cat")[0]
+    ours.enable_attention_slicing()
+    ours.enable_xformers_memory_efficient_attention()
+    np.testing.assert_array_equal(run_both(pipes_512, prompt="a cat")[0], before)  # fused attention: nothing to change
+    ours.disable_attention_slicing()
+    ours.disable_xformers_memory_efficient_attention()
+    if not torch.cuda.is_available():  # offloading needs a GPU; sequential is model offloading, with a warning
+        with pytest.raises(ValueError, match="not an available CUDA device"):
+            ours.enable_sequential_cpu_offload()
