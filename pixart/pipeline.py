@@ -29,6 +29,7 @@ from .models.vae import AutoencoderKL
 from .prompt_cache import PromptCache, fingerprint
 from .reuse import StepCache, cache_setting
 from .samplers import make_timesteps, randn_tensor, sample
+from .saving import absent_components, save_pipeline
 from .schedulers import as_scheduler
 from .tokenizer import T5Tokenizer, preprocess_prompt, warn_truncated
 from .weights.hub import resolve
@@ -66,6 +67,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         *,
         loaders: dict[str, Callable[[], Any]] | None = None,
         configs: dict[str, Any] | None = None,
+        sources: dict[str, Path] | None = None,
         memory: str = "full",
         device: torch.device | None = None,
         load_dtype: torch.dtype | None = None,
@@ -73,6 +75,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         self._loaded: dict[str, Any] = {}
         self._loaders = dict(loaders or {})  # name -> load it again (staged mode releases after each use)
         self._configs = dict(configs or {})  # model configs known without loading the model
+        self._sources = dict(sources or {})  # name -> the folder a component was read from
         given = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer}
         self._loaded.update({name: module for name, module in given.items() if name not in self._loaders})
         self.memory = memory
@@ -155,6 +158,9 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         wanted = [name for name, value in given.items() if value is _LOAD]
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         folder = resolve(pretrained_model_name_or_path, components=wanted, **hub_kwargs)
+        for name in absent_components(folder) & set(wanted):  # saved without it
+            given[name] = None
+            wanted.remove(name)
         device = device_from(device, device_map)
         subfolders = component_folders(folder, wanted)
         memory = choose_memory(memory, subfolders, torch_dtype or torch.float32, device)
@@ -177,13 +183,25 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         for name in wanted:
             if name not in MODELS or memory != "staged":
                 parts[name] = loaders.pop(name)()  # tokenizer and scheduler are small: always loaded now
-        pipe = cls(**parts, loaders=loaders, configs=configs, memory=memory, device=device, load_dtype=torch_dtype)
+        pipe = cls(**parts, loaders=loaders, configs=configs, sources=subfolders, memory=memory, device=device,
+                   load_dtype=torch_dtype)
         if prompt_cache and "text_encoder" in wanted and "tokenizer" in wanted:
             pipe.prompt_cache = prompt_cache if isinstance(prompt_cache, PromptCache) else \
                 PromptCache(None if prompt_cache is True else prompt_cache)
             pipe._encoder_id = fingerprint(subfolders["text_encoder"], subfolders["tokenizer"],
                                            extra={"quantization": text_encoder_quantization})
         return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        variant: str | None = None, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write the pipeline as a diffusers folder that `from_pretrained` (pixart's and diffusers') loads: the models
+        as they are now (dtype, a fused LoRA merged in), safetensors only. A quantized text encoder is saved
+        quantized (pixart reloads it without quantizing again; transformers cannot read it)."""
+        if not safe_serialization or variant is not None or push_to_hub or kwargs:
+            raise ValueError("save_pretrained writes safetensors files without variant, locally: leave "
+                             "safe_serialization, variant, push_to_hub and other options at their defaults "
+                             "(upload the folder with `huggingface-cli upload`)")
+        save_pipeline(self, save_directory)
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """Options for the tqdm progress bar of the denoising loop (e.g. disable=True)."""

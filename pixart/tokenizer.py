@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,6 +17,10 @@ import torch
 from .weights.hub import resolve
 
 logger = logging.getLogger("pixart")
+
+# the files of a T5 tokenizer folder (transformers' slow and fast layouts)
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 
 # transformers' `clean_up_tokenization`, applied after decoding when tokenizer_config.json asks for it
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
@@ -58,6 +63,7 @@ class T5Tokenizer:
         self.unk_token_id = special[names["unk"]]
         self.model_max_length = model_max_length
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self.source: Path | None = None  # the folder it was read from
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None,
@@ -83,15 +89,35 @@ class T5Tokenizer:
             def encode(text: str) -> list[int]:
                 return tok.encode(text, add_special_tokens=False).ids
 
-            return cls(encode, tok.id_to_token, special, names, **options)
-        if spiece.is_file():
+            tokenizer = cls(encode, tok.id_to_token, special, names, **options)
+        elif spiece.is_file():
             import sentencepiece
 
             sp = sentencepiece.SentencePieceProcessor(model_file=str(spiece))
             special = _spiece_special_tokens(folder, config, special_map, sp, names)
-            return cls(sp.encode, sp.id_to_piece, special, names, **options)
-        listing = ", ".join(sorted(p.name for p in folder.iterdir())) if folder.is_dir() else "it does not exist"
-        raise FileNotFoundError(f"no spiece.model or tokenizer.json in {folder} ({listing}): download the tokenizer")
+            tokenizer = cls(sp.encode, sp.id_to_piece, special, names, **options)
+        else:
+            listing = ", ".join(sorted(p.name for p in folder.iterdir())) if folder.is_dir() else "it does not exist"
+            raise FileNotFoundError(f"no spiece.model or tokenizer.json in {folder} ({listing}): download the "
+                                    "tokenizer")
+        tokenizer.source = folder
+        return tokenizer
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Copy the tokenizer files this tokenizer was read from into `folder`."""
+        source = self.source
+        if source is None:
+            raise ValueError("this tokenizer was not read from files (T5Tokenizer.from_pretrained): nothing to save")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file() and (source / name).resolve() != (folder / name).resolve():
+                tmp = folder / f".{name}.tmp"
+                try:
+                    shutil.copyfile(source / name, tmp)
+                    os.replace(tmp, folder / name)
+                finally:
+                    tmp.unlink(missing_ok=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of one text, special tokens in it kept whole, `</s>` appended."""

@@ -108,14 +108,27 @@ class PretrainedModel(nn.Module):
         return load_into(lambda: cls(config), tensors, source, torch_dtype, device, cls.keep_fp32)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write config.json and the weights as safetensors (diffusers / transformers layout)."""
+        """Write config.json and the weights as safetensors (diffusers / transformers layout); a fused LoRA is saved
+        merged into the weights, unfused adapters are refused. The weights file is replaced whole or not at all."""
+        state = self.state_to_save()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder / "config.json")
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         tmp = folder / (self.weights_name + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, folder / self.weights_name)
+        try:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, folder / self.weights_name)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        """The weights in the model's own key names: a fused LoRA's layers as their merged base weights."""
+        for name, module in self.named_modules():  # pixart.lora.LoRALinear, by its attributes (lora imports us)
+            if hasattr(module, "lora_A") and module.active and module.unfused is None:
+                raise ValueError(f"{name} has LoRA adapters that are not fused: fuse_lora() to save them merged "
+                                 "into the weights, or unload_lora_weights() to save the model without them")
+        return {k.replace(".base_layer.", "."): v.detach().contiguous() for k, v in self.state_dict().items()
+                if ".lora_A." not in k and ".lora_B." not in k}
 
     def cast(self, dtype: torch.dtype) -> "PretrainedModel":
         """Cast the floating-point parameters to dtype, keeping `keep_fp32` ones in fp32 for fp16."""

@@ -1,0 +1,90 @@
+"""A pipeline saved as a diffusers folder: one folder per component, then model_index.json.
+
+What is written is what the pipeline holds (its dtype, a fused LoRA merged into the transformer), in the layout that
+diffusers' and pixart's `from_pretrained` read. Each file is replaced whole or not at all, and the checks that can
+fail (an unfused LoRA, a quantized transformer, the free disk space) run before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .components import COMPONENTS, MODELS, is_available, release, weights_bytes
+
+# component -> (library, class) as diffusers' model_index.json names them
+LIBRARIES = {"tokenizer": ("transformers", "T5Tokenizer"), "text_encoder": ("transformers", "T5EncoderModel"),
+             "vae": ("diffusers", "AutoencoderKL"), "transformer": ("diffusers", "PixArtTransformer2DModel")}
+DIFFUSERS_VERSION = "0.42.1"  # the diffusers release whose layout this writes (diffusers reads the key)
+SAVE_ORDER = ("transformer", "vae", "text_encoder", "tokenizer")  # the transformer, likeliest to refuse, first
+
+
+def save_pipeline(pipe: Any, folder: str | os.PathLike) -> None:
+    """Write `pipe`'s components under `folder` and model_index.json last (a folder without it is incomplete)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file: save_pretrained writes a folder, choose another path")
+    present = [name for name in SAVE_ORDER if is_available(pipe, name)]
+    if pipe.lora.weights and pipe.lora.fused is None:
+        raise ValueError("the transformer has LoRA adapters that are not fused: pipe.fuse_lora() to save them merged "
+                         "into its weights, or pipe.unload_lora_weights() to save the model without them")
+    transformer = pipe._loaded.get("transformer")
+    if getattr(transformer, "quantization", None) is not None:
+        raise ValueError("a transformer quantized while loading is not saved: load the pipeline without "
+                         "transformer_quantization to save it, and quantize when loading the saved folder")
+    check_space(pipe, folder, present)
+    for name in present:
+        was_loaded = pipe._loaded.get(name) is not None
+        module = getattr(pipe, name)  # a staged model loads here (with its LoRA), and is released after
+        try:
+            module.save_pretrained(folder / name)
+        finally:
+            del module
+            if not was_loaded:
+                release(pipe, name)
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / "scheduler" / "scheduler_config.json", json.dumps(pipe.scheduler.to_dict(), indent=2))
+    index = {"_class_name": "PixArtAlphaPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+             "scheduler": ["diffusers", pipe.scheduler.class_name]}
+    index |= {name: list(LIBRARIES[name]) if name in present else [None, None] for name in LIBRARIES}
+    write_atomic(folder / "model_index.json", json.dumps(dict(sorted(index.items())), indent=2))
+
+
+def absent_components(folder: Path) -> set[str]:
+    """The components a folder's model_index.json marks as left out ([null, null]: saved without them)."""
+    index = folder / "model_index.json"
+    names = json.loads(index.read_text()) if index.is_file() else {}
+    return {name for name in COMPONENTS if name in names and names[name] in (None, [None, None])}
+
+
+def check_space(pipe: Any, folder: Path, present: list[str]) -> None:
+    """OSError naming the sizes unless the free space takes the weights to write (those they replace counted back,
+    the largest file twice: it is written beside the one it replaces)."""
+    new = [model_bytes(pipe, name) for name in present if name in MODELS]
+    old = [sum(f.stat().st_size for f in (folder / name).glob("*.safetensors")) for name in present
+           if (folder / name).is_dir()]
+    need = sum(new) - sum(old) + (max(new) if old and new else 0)
+    parent = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise OSError(f"not enough disk space to save the pipeline in {folder}: it needs {need / 1e9:.2f} GB, "
+                      f"{free / 1e9:.2f} GB are free: free some space or choose another disk; nothing was written")
+
+
+def model_bytes(pipe: Any, name: str) -> int:
+    """The bytes of a model's weights: its tensors when loaded, else its folder's weights in the pipeline's dtype."""
+    module = pipe._loaded.get(name)
+    if module is not None:
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    return weights_bytes(pipe._sources[name], pipe.dtype)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
