@@ -46,6 +46,8 @@ from pixart.hardware import default_dtype, set_threads
 from pixart.quant_dynamic import DYNAMIC_QUANTIZATIONS
 
 INTERVAL = (0.28, 5.42)  # Kynkäänniemi et al.'s SD-XL guidance interval, on σ
+# the one window the demo model's images keep (bench/int8_budget.py): no guidance at the first step only (σ ≈ 157)
+FIRST_STEP_UNGUIDED = (0.0, 100.0)
 # option -> (from_pretrained keywords, __call__ keywords)
 OPTIONS = {
     "default": ({}, {}),
@@ -69,6 +71,8 @@ def device_options(device: str) -> dict[str, tuple[dict, dict]]:
                 rows[f"{q}+cuda-graphs"] = ({"transformer_quantization": q}, {"cuda_graphs": True})
             rows[f"{q}+interval+cache-fast"] = ({"transformer_quantization": q},
                                                 {"guidance_interval": INTERVAL, "cache": "fast"})
+            rows[f"{q}+guidance-first+cache-fast"] = ({"transformer_quantization": q},
+                                                      {"guidance_interval": FIRST_STEP_UNGUIDED, "cache": "fast"})
     return rows
 
 
