@@ -48,14 +48,28 @@ def save_pipeline(pipe: Any, folder: str | os.PathLike) -> None:
     write_atomic(folder / "scheduler" / "scheduler_config.json", json.dumps(pipe.scheduler.to_dict(), indent=2))
     index = {"_class_name": "PixArtAlphaPipeline", "_diffusers_version": DIFFUSERS_VERSION,
              "scheduler": ["diffusers", pipe.scheduler.class_name]}
-    index |= {name: list(LIBRARIES[name]) if name in present else [None, None] for name in LIBRARIES}
+    index |= {name: index_entry(pipe, name) if name in present else [None, None] for name in LIBRARIES}
     write_atomic(folder / "model_index.json", json.dumps(dict(sorted(index.items())), indent=2))
+
+
+def index_entry(pipe: Any, name: str) -> list[str]:
+    """model_index.json's [library, class] of a component: a transformers object's own class; a tokenizer read from
+    files keeps its source folder's entry (a T5 sentencepiece tokenizer, or a PreTrainedTokenizerFast one)."""
+    module = pipe._loaded.get(name)
+    if module is not None and type(module).__module__.startswith("transformers."):
+        return ["transformers", type(module).__name__]
+    source = read_index(pipe._sources[name].parent) if name in pipe._sources else {}
+    return list(source[name]) if name == "tokenizer" and source.get(name) else list(LIBRARIES[name])
+
+
+def read_index(folder: Path) -> dict[str, Any]:
+    index = folder / "model_index.json"
+    return json.loads(index.read_text()) if index.is_file() else {}
 
 
 def absent_components(folder: Path) -> set[str]:
     """The components a folder's model_index.json marks as left out ([null, null]: saved without them)."""
-    index = folder / "model_index.json"
-    names = json.loads(index.read_text()) if index.is_file() else {}
+    names = read_index(folder)
     return {name for name in COMPONENTS if name in names and names[name] in (None, [None, None])}
 
 

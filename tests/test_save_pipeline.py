@@ -8,6 +8,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 import pixart
 from pixart.lora import inject_lora, lora_state_dict
@@ -114,3 +115,17 @@ def test_saving_over_an_earlier_save_replaces_it(pipeline_dir_512, tmp_path):
     pipe.save_pretrained(tmp_path / "saved")
     assert not list((tmp_path / "saved").rglob("*.tmp"))
     np.testing.assert_array_equal(generate(load(tmp_path / "saved")), generate(pipe))
+
+
+def test_demo_saved_in_bf16_keeps_its_tokenizer_class_and_dtype(tmp_path):
+    """The demo's tokenizer is a PreTrainedTokenizerFast (not T5's sentencepiece one): diffusers must be told so."""
+    pipe = load("demo", torch_dtype=torch.bfloat16)
+    pipe.save_pretrained(tmp_path / "demo")
+    assert json.loads((tmp_path / "demo" / "model_index.json").read_text())["tokenizer"] == \
+        json.loads((pixart.demo.MODEL / "model_index.json").read_text())["tokenizer"]
+    with safe_open(tmp_path / "demo" / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # saved as the pipeline held it
+    ref = diffusers.PixArtAlphaPipeline.from_pretrained(tmp_path / "demo", torch_dtype=torch.bfloat16)
+    assert ref.tokenizer("a red circle").input_ids == pipe.tokenizer.encode("a red circle")
+    again = load(tmp_path / "demo", torch_dtype=torch.bfloat16)
+    np.testing.assert_array_equal(generate(again), generate(pipe))
