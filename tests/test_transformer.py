@@ -130,6 +130,17 @@ def test_forward_matches_diffusers(saved, size):
     assert (got - expected).abs().max() < TOL
 
 
+def test_diffusers_fuse_qkv_calls_are_accepted_and_keep_the_output(saved):
+    ref, folder = saved
+    model = PixArtTransformer2DModel.from_pretrained(folder)
+    args = inputs(ref, 16, 16)
+    before = ours(model, *args)
+    model.fuse_qkv_projections()
+    torch.testing.assert_close(ours(model, *args), before, rtol=0, atol=0)
+    model.unfuse_qkv_projections()
+    assert set(dict(model.named_parameters())) == set(dict(PixArtTransformer2DModel(model.config).named_parameters()))
+
+
 def test_float_timesteps_and_broadcast_conditions_match_diffusers(saved):
     ref, folder = saved
     model = PixArtTransformer2DModel.from_pretrained(folder)
