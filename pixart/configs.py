@@ -193,24 +193,35 @@ class SchedulerConfig(JsonConfig):
     timestep_type: str = "discrete"
     sigma_min: float | None = None
     sigma_max: float | None = None
+    # the fields given no value when this config was made (diffusers' `_use_default_values`): another class's
+    # from_config takes its own defaults for them, as diffusers does
+    defaulted: frozenset[str] = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SchedulerConfig":
         class_name = d.get("_class_name", d.get("class_name", cls.class_name))
+        used_defaults = set(d.get("_use_default_values", ()))
+        d = {k: v for k, v in d.items() if k not in used_defaults}  # diffusers' rule: the class's own default
         cfg = super().from_dict({**cls.class_defaults.get(class_name, {}), **d})
-        return dataclasses.replace(cfg, class_name=class_name)
+        names = {f.name for f in dataclasses.fields(cls) if f.compare} - {"class_name"}
+        return dataclasses.replace(cfg, class_name=class_name, defaulted=frozenset(names - set(d)))
 
     def to_dict(self) -> dict[str, Any]:
         """The fields `class_name` takes in diffusers (a config.json that diffusers loads without warnings)."""
         d = super().to_dict()
-        name = d.pop("class_name")
+        name, _ = d.pop("class_name"), d.pop("defaulted")
         own = CLASS_FIELDS.get(name)
         return {"_class_name": name, **{k: v for k, v in d.items() if own is None or k in COMMON_FIELDS or k in own}}
 
+    def replace(self, **changes: Any) -> "SchedulerConfig":
+        return dataclasses.replace(self, defaulted=self.defaulted - changes.keys(), **changes)
+
     @property
     def config(self) -> "ConfigDict":
-        """diffusers' `scheduler.config`: the dict a scheduler class's `from_config` takes (pixart's or diffusers')."""
-        return ConfigDict(self.to_dict())
+        """diffusers' `scheduler.config`: the dict a scheduler class's `from_config` takes (pixart's or diffusers'),
+        with `_use_default_values`, the keys that took their defaults."""
+        d = self.to_dict()
+        return ConfigDict({**d, "_use_default_values": sorted(self.defaulted & d.keys())})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,

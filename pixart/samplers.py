@@ -7,6 +7,7 @@ Every scalar is computed with the same operations and dtypes as the diffusers sc
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -40,13 +41,60 @@ F64 = torch.float64
 
 
 def check_config(config: SchedulerConfig) -> None:
-    """ValueError unless pixart samples with this class and these options, naming what it supports."""
+    """ValueError unless pixart samples with this class and these options (of the right types, in range), naming
+    what it supports."""
     if config.class_name not in SAMPLERS:
         raise ValueError(f"scheduler {config.class_name!r} is not supported: use one of {', '.join(SAMPLERS)}")
+    for name, kinds in FIELD_KINDS.items():
+        value = getattr(config, name)
+        if not any(_is_kind(value, kind) for kind in kinds):
+            wanted = " or ".join(KIND_NAMES[kind] for kind in kinds)
+            raise ValueError(f"{config.class_name} option {name}={value!r} is a {type(value).__name__}: it must be "
+                             f"{wanted}")
     for name, values in SUPPORTED_OPTIONS.items():
         if getattr(config, name) not in values:
             raise ValueError(f"{config.class_name} option {name}={getattr(config, name)!r} is not supported "
                              f"by pixart's samplers (supported: {', '.join(map(repr, values))})")
+    _check_ranges(config)
+
+
+def _check_ranges(config: SchedulerConfig) -> None:
+    def need(ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"{config.class_name} option {name}={getattr(config, name)!r}: {rule}")
+
+    for name in ("num_train_timesteps", "original_inference_steps"):
+        need(getattr(config, name) >= 1, name, "it must be at least 1")
+    need(config.steps_offset >= 0, "steps_offset", "it must be 0 or more")
+    for name in ("timestep_scaling", "clip_sample_range", "sigma_min", "sigma_max"):
+        value = getattr(config, name)
+        need(value is None or (math.isfinite(value) and value > 0), name, "it must be a positive number")
+    if config.trained_betas is not None:
+        betas = config.trained_betas
+        need(len(betas) == config.num_train_timesteps and all(0 < b < 1 for b in betas), "trained_betas",
+             f"it must hold num_train_timesteps = {config.num_train_timesteps} values between 0 and 1")
+    elif config.beta_schedule in ("linear", "scaled_linear"):
+        for name in ("beta_start", "beta_end"):
+            need(0 < getattr(config, name) < 1, name, "a noise variance is between 0 and 1")
+        need(config.beta_start <= config.beta_end, "beta_start", f"it must not exceed beta_end = {config.beta_end}")
+
+
+def _is_kind(value: object, kind: object) -> bool:
+    if kind is None:
+        return value is None
+    if kind == "betas":
+        return isinstance(value, tuple) and all(_is_kind(b, float) for b in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+# SchedulerConfig field -> the kinds of value it takes, from its annotation ("float | None" -> (float, None))
+_ANNOTATIONS = {"int": int, "float": float, "str": str, "bool": bool, "None": None, "tuple[float, ...]": "betas"}
+FIELD_KINDS = {f.name: tuple(_ANNOTATIONS[part.strip()] for part in str(f.type).split("|"))
+               for f in dataclasses.fields(SchedulerConfig) if f.compare}
+KIND_NAMES = {float: "a number (not NaN)", int: "an integer", str: "a string", bool: "true or false", None: "None",
+              "betas": "a list of numbers"}
 
 
 def _cosine_betas(n: int, max_beta: float = 0.999) -> torch.Tensor:

@@ -28,11 +28,11 @@ KARRAS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler")  # the sample
 ANCESTRAL = ("euler a", "euler_a", "k_euler_a", "euler ancestral")  # AUTOMATIC1111's default sampler among them
 
 
-def sampler_by_name(name: str) -> tuple[str, bool | None]:
-    """(the SAMPLERS key, True for Karras noise levels else None: the config's) of a sampler's name in any case: the
-    class name, "DPM++ 2M", "ddim", "dpmpp_2m", and AUTOMATIC1111's "... Karras" (or "euler-karras", "euler_karras").
-    ValueError names the choices."""
-    base, karras = name.strip(), None
+def sampler_by_name(name: str) -> tuple[str, bool]:
+    """(the SAMPLERS key, Karras noise levels) of a sampler's name in any case: the class name, "DPM++ 2M", "ddim",
+    "dpmpp_2m", and AUTOMATIC1111's "... Karras" (or "euler-karras", "euler_karras"); as in AUTOMATIC1111, a name
+    without "Karras" means without them. ValueError names the choices."""
+    base, karras = name.strip(), False
     parts = re.fullmatch(r"(.*?)[\s_-]+karras", base, flags=re.IGNORECASE)
     if parts:
         base, karras = parts[1], True
@@ -82,7 +82,14 @@ def as_scheduler(scheduler: Any, check: bool = True) -> SchedulerConfig:
     return scheduler
 
 
-class _Scheduler:
+class _SchedulerClass(type):
+    """`isinstance(pipe.scheduler, EulerDiscreteScheduler)` holds when the config's class_name is that class's."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, SchedulerConfig) and obj.class_name == cls.__name__
+
+
+class _Scheduler(metaclass=_SchedulerClass):
     """A diffusers scheduler class by name: `X(**options)`, `X.from_config(config, **changes)` and
     `X.from_pretrained(path_or_id, subfolder="scheduler")` return a SchedulerConfig whose class_name is X's."""
 
@@ -100,12 +107,14 @@ class _Scheduler:
             raise TypeError(f"{name} has no option {', '.join(unknown)} in pixart "
                             f"(its options: {', '.join(sorted(own))})")
         if isinstance(config, SchedulerConfig):
-            config = config.to_dict()
+            config = config.config  # with the keys it only defaulted
         config = getattr(config, "config", config) if config is not None else {}
         if not hasattr(config, "items"):
             raise TypeError(f"{name}.from_config takes a config dict (a scheduler's .config), "
                             f"got {type(config).__name__}")
-        given = {k: v for k, v in dict(config.items()).items() if k in own}
+        given = dict(config.items())
+        used_defaults = set(given.pop("_use_default_values", ()))  # those take this class's defaults
+        given = {k: v for k, v in given.items() if k in own and k not in used_defaults}
         return as_scheduler({**given, **changes, "_class_name": name})
 
     @classmethod

@@ -37,7 +37,8 @@ def test_from_config_gives_what_diffusers_from_config_gives(name, changes):
                                                   **changes)
     dpm = pixart.DPMSolverMultistepScheduler(**PIXART_DPM)
     ours = getattr(pixart, name).from_config(dpm.config, **changes)
-    assert isinstance(ours, SchedulerConfig) and ours.class_name == name
+    assert isinstance(ours, SchedulerConfig) and ours.class_name == name and isinstance(ours, getattr(pixart, name))
+    assert not isinstance(ours, pixart.DDIMScheduler if name != "DDIMScheduler" else pixart.LCMScheduler)
     assert ours == ours_from_theirs(theirs)
     # the class's own defaults fill what the DPM config lacks, as in diffusers (DDIM clips, LCM's steps limit)
     if name == "DDIMScheduler":
@@ -53,6 +54,37 @@ def test_constructor_defaults_are_diffusers_defaults(name):
     assert getattr(pixart, name)() == ours_from_theirs(getattr(diffusers, name)())
     assert pixart.EulerDiscreteScheduler(use_karras_sigmas=True) == ours_from_theirs(
         diffusers.EulerDiscreteScheduler(use_karras_sigmas=True))
+
+
+def test_keys_a_config_file_leaves_out_take_the_new_class_defaults_as_in_diffusers(tmp_path):
+    """diffusers' `_use_default_values`: a value the source class only defaulted is not carried to another class."""
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": "DPMSolverMultistepScheduler",
+                                                                "num_train_timesteps": 1000, "solver_order": 2}))
+    ours = pixart.DPMSolverMultistepScheduler.from_pretrained(tmp_path)
+    theirs = diffusers.DPMSolverMultistepScheduler.from_pretrained(tmp_path)
+    for name in ("DDIMScheduler", "LCMScheduler", "EulerDiscreteScheduler"):
+        want = ours_from_theirs(getattr(diffusers, name).from_config(theirs.config))
+        assert getattr(pixart, name).from_config(ours.config) == want, name
+        assert getattr(pixart, name).from_config(theirs.config) == want, name
+        assert ours_from_theirs(getattr(diffusers, name).from_config(ours.config)) == want, name
+    # LCM from a DDIM made with its defaults takes LCM's betas (scaled_linear 0.00085..0.012), not DDIM's
+    lcm = pixart.LCMScheduler.from_config(diffusers.DDIMScheduler().config)
+    assert lcm == ours_from_theirs(diffusers.LCMScheduler.from_config(diffusers.DDIMScheduler().config))
+    assert lcm.beta_schedule == "scaled_linear" and lcm.clip_sample is False
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"beta_end": "0.03"}, "beta_end='0.03' is a str: it must be a number"),
+    ({"num_train_timesteps": 1000.0}, "num_train_timesteps=1000.0 is a float: it must be an integer"),
+    ({"use_karras_sigmas": "false"}, "use_karras_sigmas='false' is a str: it must be true or false"),
+    ({"beta_end": 1.5}, "beta_end=1.5: a noise variance is between 0 and 1"),
+    ({"beta_start": 0.5, "beta_end": 0.01}, "beta_start=0.5: it must not exceed beta_end = 0.01"),
+    ({"trained_betas": [0.1] * 10}, "it must hold num_train_timesteps = 1000 values between 0 and 1"),
+    ({"sigma_min": "0.1"}, "sigma_min='0.1' is a str: it must be a number \\(not NaN\\) or None"),
+])
+def test_options_of_the_wrong_type_or_range_are_refused_at_once(changes, message):
+    with pytest.raises(ValueError, match=message):
+        pixart.EulerDiscreteScheduler.from_config(pixart.DPMSolverMultistepScheduler().config, **changes)
 
 
 def test_config_reads_as_a_dict_and_by_attribute():
@@ -129,9 +161,9 @@ def test_assigning_a_sampler_pixart_lacks_fails_at_once(pipes):
 
 
 @pytest.mark.parametrize("name, key, karras", [
-    ("euler", "EulerDiscreteScheduler", None), ("DPM++ 2M Karras", "DPMSolverMultistepScheduler", True),
-    ("euler-karras", "EulerDiscreteScheduler", True), ("DDIMScheduler", "DDIMScheduler", None),
-    ("k_dpmpp_2m", "DPMSolverMultistepScheduler", None)])
+    ("euler", "EulerDiscreteScheduler", False), ("DPM++ 2M Karras", "DPMSolverMultistepScheduler", True),
+    ("euler-karras", "EulerDiscreteScheduler", True), ("DDIMScheduler", "DDIMScheduler", False),
+    ("k_dpmpp_2m", "DPMSolverMultistepScheduler", False)])
 def test_sampler_names(name, key, karras):
     assert sampler_by_name(name) == (key, karras)
 
@@ -158,6 +190,24 @@ def test_cli_sampler_flag_samples_with_it_and_records_it(pipeline_dir_512, tmp_p
     want = pipe("a red circle", num_inference_steps=3, width=128, height=128,
                 generator=[torch.Generator().manual_seed(2)]).images[0]
     np.testing.assert_array_equal(np.asarray(image.convert("RGB")), np.asarray(want))
+
+
+def test_cli_sampler_named_without_karras_turns_the_model_s_karras_off(pipeline_dir_512, tmp_path):
+    """AUTOMATIC1111's naming: "DPM++ 2M" is without Karras noise levels, whatever the model's config says."""
+    import shutil
+
+    folder = tmp_path / "karras-model"
+    shutil.copytree(pipeline_dir_512, folder)
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "use_karras_sigmas": True}))
+    images = {}
+    for name in ("DPM++ 2M", "DPM++ 2M Karras"):
+        out = tmp_path / f"{name}.png"
+        assert main(["generate", "a red circle", "--model", str(folder), "-o", str(out), "--seed", "2", "--steps",
+                     "3", "--width", "128", "--height", "128", "--dtype", "fp32", "--quiet", "--sampler", name]) == 0
+        assert json.loads(Image.open(out).text["parameters"])["sampler"] == name
+        images[name] = np.asarray(Image.open(out).convert("RGB"))
+    assert not np.array_equal(images["DPM++ 2M"], images["DPM++ 2M Karras"])
 
 
 def test_cli_unknown_sampler_exits_with_usage(capsys):

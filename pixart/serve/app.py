@@ -172,6 +172,8 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
             except ValueError as e:
                 raise ApiError(400, str(e), param=field, code="invalid_value") from None
         key, karras = sampler(scheduler, default_sampler(), names.get("scheduler", "scheduler"), schedule)
+        if karras is None:  # the model's own noise levels: named, so that the batch key and the label say them
+            karras = worker.default_scheduler.use_karras_sigmas
         return Settings(prompt, negative_prompt, width, height, steps, float(guidance_scale), key,
                         tuple(seed + i for i in range(n)), guidance_interval, cache, karras)
 
