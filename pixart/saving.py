@@ -7,12 +7,15 @@ fail (an unfused LoRA, a quantized transformer, the free disk space) run before 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from .components import COMPONENTS, MODELS, is_available, release, weights_bytes
+
+logger = logging.getLogger("pixart")
 
 # component -> (library, class) as diffusers' model_index.json names them
 LIBRARIES = {"tokenizer": ("transformers", "T5Tokenizer"), "text_encoder": ("transformers", "T5EncoderModel"),
@@ -23,9 +26,7 @@ SAVE_ORDER = ("transformer", "vae", "text_encoder", "tokenizer")  # the transfor
 
 def save_pipeline(pipe: Any, folder: str | os.PathLike) -> None:
     """Write `pipe`'s components under `folder` and model_index.json last (a folder without it is incomplete)."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} is a file: save_pretrained writes a folder, choose another path")
+    folder = check_folder(folder)
     present = [name for name in SAVE_ORDER if is_available(pipe, name)]
     if pipe.lora.weights and pipe.lora.fused is None:
         raise ValueError("the transformer has LoRA adapters that are not fused: pipe.fuse_lora() to save them merged "
@@ -35,29 +36,59 @@ def save_pipeline(pipe: Any, folder: str | os.PathLike) -> None:
         raise ValueError("a transformer quantized while loading is not saved: load the pipeline without "
                          "transformer_quantization to save it, and quantize when loading the saved folder")
     check_space(pipe, folder, present)
-    for name in present:
-        was_loaded = pipe._loaded.get(name) is not None
-        module = getattr(pipe, name)  # a staged model loads here (with its LoRA), and is released after
-        try:
-            module.save_pretrained(folder / name)
-        finally:
-            del module
-            if not was_loaded:
-                release(pipe, name)
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "scheduler" / "scheduler_config.json", json.dumps(pipe.scheduler.to_dict(), indent=2))
     index = {"_class_name": "PixArtAlphaPipeline", "_diffusers_version": DIFFUSERS_VERSION,
              "scheduler": ["diffusers", pipe.scheduler.class_name]}
-    index |= {name: index_entry(pipe, name) if name in present else [None, None] for name in LIBRARIES}
-    write_atomic(folder / "model_index.json", json.dumps(dict(sorted(index.items())), indent=2))
+    index |= {name: [None, None] for name in LIBRARIES}
+    written: list[str] = []
+    try:
+        for name in present:
+            was_loaded = pipe._loaded.get(name) is not None
+            module = getattr(pipe, name)  # a staged model loads here (with its LoRA), and is released after
+            try:
+                module.save_pretrained(folder / name)
+                index[name] = index_entry(pipe, name, module)
+            finally:
+                del module
+                if not was_loaded:
+                    release(pipe, name)
+            written.append(f"{name}/")
+        (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / "scheduler" / "scheduler_config.json", json.dumps(pipe.scheduler.to_dict(), indent=2))
+        write_atomic(folder / "model_index.json", json.dumps(dict(sorted(index.items())), indent=2))
+    except OSError as e:
+        done = f"replaced whole: {', '.join(written)}; the rest is as it was" if written else "nothing was written"
+        raise OSError(e.errno, f"saving the pipeline in {folder} failed ({e.strerror or e}: {e.filename or ''}): "
+                               f"{done}; fix that and save again") from e
 
 
-def index_entry(pipe: Any, name: str) -> list[str]:
+def check_folder(folder: str | os.PathLike) -> Path:
+    """The folder to save in, refused when it cannot be: empty, a file, under a file, or not writable."""
+    if not str(folder).strip():
+        raise ValueError("save_pretrained needs a folder to write to, got an empty path")
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is" if existing == folder else f"is under {existing}, which is"
+        raise FileExistsError(f"{folder} {where} a file: save_pretrained writes a folder, choose another path")
+    writable = [existing, *(p for p in existing.iterdir() if p.name in COMPONENTS and p.is_dir())] \
+        if existing == folder else [existing]
+    for path in writable:
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write in {path}: save the pipeline elsewhere, or make it writable; "
+                                  "nothing was written")
+    return folder
+
+
+def index_entry(pipe: Any, name: str, module: Any) -> list[str]:
     """model_index.json's [library, class] of a component: a transformers object's own class; a tokenizer read from
-    files keeps its source folder's entry (a T5 sentencepiece tokenizer, or a PreTrainedTokenizerFast one)."""
-    module = pipe._loaded.get(name)
-    if module is not None and type(module).__module__.startswith("transformers."):
+    files keeps its source folder's entry (a T5 sentencepiece tokenizer, or a PreTrainedTokenizerFast one); a
+    quantized T5 is named as pixart's, which diffusers refuses to load (transformers would read its integer weights
+    as floats, without an error)."""
+    if type(module).__module__.startswith("transformers."):
         return ["transformers", type(module).__name__]
+    if name == "text_encoder" and getattr(module, "quantization", None) is not None:
+        logger.warning("the text encoder is saved quantized: pixart loads the folder, diffusers and transformers do not")
+        return ["pixart", "T5EncoderModel"]
     source = read_index(pipe._sources[name].parent) if name in pipe._sources else {}
     return list(source[name]) if name == "tokenizer" and source.get(name) else list(LIBRARIES[name])
 

@@ -1,8 +1,11 @@
 """pipe.save_pretrained: a diffusers folder that pixart and diffusers load to the same images, and its refusals."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections import namedtuple
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -105,6 +108,48 @@ def test_refusals_name_the_fix_and_write_nothing(pipeline_dir_512, tmp_path, mon
     with pytest.raises(OSError, match="not enough disk space .* GB are free: .* nothing was written"):
         pipe.save_pretrained(tmp_path / "full-disk")
     assert not (tmp_path / "full-disk").exists()
+
+
+def test_paths_that_cannot_take_a_pipeline_are_refused_before_writing(pipeline_dir_512, tmp_path, monkeypatch):
+    pipe = load(pipeline_dir_512)
+    with pytest.raises(ValueError, match="empty path"):
+        pipe.save_pretrained("")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="is under .*afile, which is a file"):
+        pipe.save_pretrained(tmp_path / "afile" / "sub")
+    (tmp_path / "locked").mkdir()
+    real_access = os.access
+    monkeypatch.setattr("os.access", lambda path, mode: real_access(path, mode) and Path(path).name != "locked")
+    with pytest.raises(PermissionError, match="cannot write in .*locked: save the pipeline elsewhere"):
+        pipe.save_pretrained(tmp_path / "locked" / "saved")
+    assert not (tmp_path / "locked" / "saved").exists()
+
+
+def test_a_failure_while_writing_says_what_was_replaced_and_keeps_the_rest(pipeline_dir_512, tmp_path, monkeypatch):
+    pipe = load(pipeline_dir_512)
+    pipe.save_pretrained(tmp_path / "saved")
+    before = {p: p.read_bytes() for p in (tmp_path / "saved").rglob("*") if p.is_file()}
+    pipe.to(torch.bfloat16)  # new weights for every model
+
+    def disk_full(folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+    monkeypatch.setattr(pipe.vae, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="replaced whole: transformer/; the rest is as it was"):
+        pipe.save_pretrained(tmp_path / "saved")
+    after = {p: p.read_bytes() for p in (tmp_path / "saved").rglob("*") if p.is_file()}
+    assert after.keys() == before.keys()  # no stray temporary files
+    changed = {p.relative_to(tmp_path / "saved").parts[0] for p in after if after[p] != before[p]}
+    assert changed == {"transformer"}
+
+
+def test_an_int8_text_encoder_is_saved_for_pixart_and_refused_by_diffusers(tmp_path):
+    pipe = load("demo", text_encoder_quantization="int8")
+    pipe.save_pretrained(tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "model_index.json").read_text())["text_encoder"] == ["pixart", "T5EncoderModel"]
+    np.testing.assert_array_equal(generate(load(tmp_path / "q")), generate(pipe))
+    with pytest.raises(ValueError, match="cannot be loaded"):  # rather than reading int8 weights as floats
+        diffusers.PixArtAlphaPipeline.from_pretrained(tmp_path / "q")
 
 
 def test_saving_over_an_earlier_save_replaces_it(pipeline_dir_512, tmp_path):

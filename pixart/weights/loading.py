@@ -113,10 +113,10 @@ class PretrainedModel(nn.Module):
         state = self.state_to_save()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.config.save(folder / "config.json")
         tmp = folder / (self.weights_name + ".tmp")
         try:
-            save_file(state, str(tmp), metadata={"format": "pt"})
+            save_file(state, str(tmp), metadata={"format": "pt"})  # what fails on a full disk: nothing replaced yet
+            self.config.save(folder / "config.json")
             os.replace(tmp, folder / self.weights_name)
         finally:
             tmp.unlink(missing_ok=True)
