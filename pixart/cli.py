@@ -21,7 +21,7 @@ from .weights.files import WeightsError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LINE_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": (int, float),
-             "width": int, "height": int, "n": int}
+             "width": int, "height": int, "n": int, "sampler": str}
 
 
 def duration(text: str) -> float:
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-n", "--n", "--num-images", dest="num_images", type=int, default=1,
                      help="images per prompt (default 1)")
     gen.add_argument("--batch-size", type=int, default=None, help="images per pipeline call, among those with the "
-                     "same steps, guidance and size (default: all -n of one prompt; 1 with --prompts)")
+                     "same steps, guidance, size and sampler (default: all -n of one prompt; 1 with --prompts)")
     gen.add_argument("--no-binning", action="store_true", help="generate at exactly --width x --height "
                      "(multiples of 16) instead of the nearest trained aspect-ratio bin")
     gen.add_argument("--no-clean-caption", action="store_true", help="skip the caption cleaning diffusers does")

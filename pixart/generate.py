@@ -14,13 +14,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from . import dist
 from .cli import LINE_KEYS, load_pipeline, speed_options
 from .images import png_info
-from .schedulers import sampler_label, with_sampler
+from .schedulers import sampler_by_name, sampler_label, with_sampler
 
 SEED_MAX = 2**63 - 1  # as the server's: torch's generators take up to 2**64 - 1, but 2**63 - 1 fits every JSON reader
 
@@ -36,6 +37,7 @@ class Job:
     guidance: float
     width: int | None
     height: int | None
+    sampler: tuple[str, bool] | None = None  # (SAMPLERS key, Karras); None: the model's own
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -74,6 +76,11 @@ def _json_line(line: str, where: str) -> dict:
     for key in ("steps", "n"):
         if entry.get(key, 1) < 1:
             raise ValueError(f"{where}: {key} must be at least 1, got {entry[key]}")
+    if "sampler" in entry:
+        try:
+            entry["sampler"] = sampler_by_name(entry["sampler"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     return entry
 
 
@@ -86,7 +93,7 @@ def plan(entries: list[dict], args: argparse.Namespace, base_seed: int) -> list[
                 index=len(jobs), prompt=entry["prompt"], negative_prompt=entry.get("negative_prompt", args.negative_prompt),
                 seed=entry["seed"] + j if "seed" in entry else base_seed + len(jobs), steps=entry.get("steps", args.steps),
                 guidance=float(entry.get("guidance", args.guidance)), width=entry.get("width", args.width),
-                height=entry.get("height", args.height),
+                height=entry.get("height", args.height), sampler=entry.get("sampler", args.sampler),
             ))
             if not 0 <= jobs[-1].seed <= SEED_MAX:
                 fix = "its line's \"seed\"" if "seed" in entry else "--seed (or -1 for a random one)"
@@ -96,10 +103,11 @@ def plan(entries: list[dict], args: argparse.Namespace, base_seed: int) -> list[
 
 
 def batches(jobs: list[Job], size: int) -> list[list[Job]]:
-    """Jobs that can share a pipeline call (same steps, guidance and size) in runs of at most `size`, in index order."""
+    """Jobs that can share a pipeline call (same steps, guidance, size and sampler) in runs of at most `size`, in
+    index order."""
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
-        groups.setdefault((job.steps, job.guidance, job.width, job.height), []).append(job)
+        groups.setdefault((job.steps, job.guidance, job.width, job.height, job.sampler), []).append(job)
     return sorted((g[k:k + size] for g in groups.values() for k in range(0, len(g), size)), key=lambda b: b[0].index)
 
 
@@ -114,11 +122,11 @@ def generate(args: argparse.Namespace) -> list[Path]:
     with dist.session():
         started = time.perf_counter()
         pipe = load_pipeline(args)
-        if args.sampler:
-            pipe.scheduler = with_sampler(pipe.scheduler, *args.sampler)
         loaded = time.perf_counter()
         default_size = pipe.default_size
         jobs = [replace(j, width=j.width or default_size, height=j.height or default_size) for j in jobs]
+        if from_file:
+            _check_existing(jobs, paths, args.model, pipe.dtype, speed_options(args))
         mine = batches(jobs, args.batch_size or (1 if from_file else args.num_images))[dist.rank()::dist.world_size()]
         # Resume: a batch is skipped only when all of it exists; rerunning a partial one keeps its images bit-identical
         mine = [b for b in mine if not (from_file and all(paths[j.index].exists() for j in b))]
@@ -129,7 +137,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
             summary += f" ({len(jobs) - written} already there; manifest {args.outdir / 'manifest.jsonl'})"
             if dist.rank() == 0:
                 _write_manifest(args.outdir / "manifest.jsonl", jobs, paths, args.model, pipe.dtype,
-                                recorded_options(args))
+                                speed_options(args))
         processes = f" x {dist.world_size()} processes" if dist.world_size() > 1 else ""
         dist.print0(f"loaded in {loaded - started:.1f} s, {summary} in {time.perf_counter() - loaded:.1f} s on "
                     f"{pipe.device}{processes} in {str(pipe.dtype).removeprefix('torch.')}", file=sys.stderr)
@@ -142,9 +150,10 @@ def _generate_batches(pipe, mine: list[list[Job]], paths: list[Path], args: argp
     quiet = args.quiet or dist.rank() != 0
     pipe.set_progress_bar_config(disable=quiet or skip_existing)  # many prompts: one bar over images, not steps
     bar = tqdm(total=sum(map(len, mine)), unit="image", disable=quiet or not skip_existing)
-    written, options, recorded = 0, speed_options(args), recorded_options(args)
+    written, options, model_scheduler = 0, speed_options(args), pipe.scheduler
     for batch in mine:
         first = batch[0]
+        pipe.scheduler = with_sampler(model_scheduler, *first.sampler) if first.sampler else model_scheduler
         images = pipe(
             [j.prompt for j in batch], negative_prompt=[j.negative_prompt for j in batch],
             num_inference_steps=first.steps, guidance_scale=first.guidance, height=first.height, width=first.width,
@@ -156,7 +165,7 @@ def _generate_batches(pipe, mine: list[list[Job]], paths: list[Path], args: argp
             path = paths[job.index]
             if skip_existing and path.exists():
                 continue
-            _save_atomic(image, path, png_info(_settings(job, args.model, pipe.dtype, recorded)))
+            _save_atomic(image, path, png_info(_settings(job, args.model, pipe.dtype, options)))
             written += 1
             if not skip_existing:
                 print(f"wrote {path} (seed {job.seed})")
@@ -210,16 +219,35 @@ def _slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:40].strip("-") or "image"
 
 
-def recorded_options(args: argparse.Namespace) -> dict:
-    """The run's options that each image records beside its own settings: the speed options and the sampler, if set."""
-    return {**speed_options(args), **({"sampler": sampler_label(*args.sampler)} if args.sampler else {})}
-
-
 def _settings(job: Job, model: str, dtype: torch.dtype, options: dict) -> dict:
-    """What the PNG's `parameters` chunk and the manifest record of an image."""
+    """What the PNG's `parameters` chunk and the manifest record of an image (the sampler when one was named)."""
+    sampler = {"sampler": sampler_label(*job.sampler)} if job.sampler else {}
     return {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed, "steps": job.steps,
             "guidance": job.guidance, "width": job.width, "height": job.height, "model": str(model),
-            "dtype": str(dtype).removeprefix("torch."), **options}
+            "dtype": str(dtype).removeprefix("torch."), **sampler, **options}
+
+
+def _check_existing(jobs: list[Job], paths: list[Path], model: str, dtype: torch.dtype, options: dict) -> None:
+    """Resuming: every image already in --outdir must hold this run's settings for it (the model's path aside),
+    else the run stops before generating, naming the file and the settings that differ."""
+    for job in jobs:
+        path = paths[job.index]
+        if not path.exists():
+            continue
+        want = json.loads(json.dumps(_settings(job, model, dtype, options)))  # as read back: lists, not tuples
+        try:
+            with Image.open(path) as image:
+                have = json.loads(image.text.get("parameters", "null"))
+        except (OSError, ValueError):
+            have = None
+        if not isinstance(have, dict):
+            raise ValueError(f"{path} is in the way: it holds no settings of pixart generate (not one of its images, "
+                             "or damaged): move it, or choose another --outdir")
+        differ = sorted(k for k in want.keys() | have.keys() if k != "model" and want.get(k) != have.get(k))
+        if differ:
+            details = "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in differ)
+            raise ValueError(f"{path} was made with other settings ({details}): use another --outdir, or delete the "
+                             "images to make again")
 
 
 def _write_manifest(path: Path, jobs: list[Job], paths: list[Path], model: str, dtype: torch.dtype,

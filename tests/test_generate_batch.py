@@ -125,6 +125,46 @@ def test_resume_skips_existing_images_and_fills_in_the_missing_ones_bit_identica
     assert (outdir / "manifest.jsonl").read_bytes() == (reference / "manifest.jsonl").read_bytes()
 
 
+def test_resume_refuses_images_made_with_other_settings(pipeline_dir_512, prompts_file, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    run(pipeline_dir_512, prompts_file, outdir, "--sampler", "euler karras")
+    first = {name: (outdir / name).read_bytes() for name in pngs(outdir)}
+    manifest_before = (outdir / "manifest.jsonl").read_bytes()
+    (outdir / pngs(outdir)[2]).unlink()  # an interrupted run, resumed with another sampler
+    capsys.readouterr()
+    code = main(["generate", "--model", str(pipeline_dir_512), "--prompts", str(prompts_file), "--outdir", str(outdir),
+                 *COMMON, "--sampler", "ddim"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "was made with other settings (sampler: 'Euler Karras' there, 'DDIM' now)" in err, err
+    assert "use another --outdir" in err
+    assert len(pngs(outdir)) == 2 and all((outdir / n).read_bytes() == first[n] for n in pngs(outdir))
+    assert (outdir / "manifest.jsonl").read_bytes() == manifest_before  # not rewritten with the new settings
+    (outdir / pngs(outdir)[0]).write_bytes(b"not a png")
+    assert main(["generate", "--model", str(pipeline_dir_512), "--prompts", str(prompts_file), "--outdir",
+                 str(outdir), *COMMON, "--sampler", "euler karras"]) == 2
+    assert "is in the way: it holds no settings of pixart generate" in capsys.readouterr().err
+
+
+def test_jsonl_lines_choose_their_sampler(pipeline_dir_512, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red circle", "sampler": "DDIM"}\n'
+                       'a red circle\n'
+                       '{"prompt": "a red circle", "sampler": "euler karras"}\n')
+    run(pipeline_dir_512, prompts, tmp_path / "out", "--seed", "3", "--steps", "3", "--batch-size", "3")
+    names = pngs(tmp_path / "out")
+    assert [line.get("sampler") for line in manifest(tmp_path / "out")] == ["DDIM", None, "Euler Karras"]
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
+    pipe.set_progress_bar_config(disable=True)
+    model_scheduler = pipe.scheduler
+    for i, changes in enumerate([{"class_name": "DDIMScheduler", "use_karras_sigmas": False}, {},
+                                 {"class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True}]):
+        pipe.scheduler = model_scheduler.replace(**changes)
+        want = pipe("a red circle", num_inference_steps=3, width=128, height=128, use_resolution_binning=False,
+                    generator=[torch.Generator().manual_seed(3 + i)]).images[0]
+        assert np.array_equal(pixels(tmp_path / "out" / names[i]), np.asarray(want).astype(int)), names[i]
+
+
 def test_jsonl_lines_carry_their_own_settings_and_seeds(pipeline_dir_512, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("a red circle\n"
@@ -150,6 +190,7 @@ def test_jsonl_lines_carry_their_own_settings_and_seeds(pipeline_dir_512, tmp_pa
     ("{\"prompt\": \"x\", \"n\": 0}\n", "line 1: n must be at least 1"),
     ("{\"prompt\": \"x\", \"seed\": \"1\"}\n", "line 1: seed must be an integer, got '1'"),
     ("a cat\n{\"prompt\": \"x\", \"guidance\": NaN}\n", "line 2: guidance must be a finite number, got nan"),
+    ("a cat\n{\"prompt\": \"x\", \"sampler\": \"Euler a\"}\n", "line 2: unknown scheduler 'Euler a' (ancestral"),
     ("{\"prompt\": \"x\", \"seed\": 9223372036854775807, \"n\": 2}\n",
      "image 1 would get seed 9223372036854775808, outside 0 to 2**63 - 1 (the image i of a run gets the first seed + i): "
      "change its line's \"seed\""),
