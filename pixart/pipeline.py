@@ -32,14 +32,12 @@ from .samplers import make_timesteps, randn_tensor, sample
 from .saving import absent_components, save_pipeline
 from .schedulers import as_scheduler
 from .tokenizer import T5Tokenizer, preprocess_prompt, warn_truncated
-from .weights.hub import resolve
+from .weights.hub import HUB_KWARGS, IGNORED_KWARGS, hub_options, resolve
 
 logger = logging.getLogger("pixart")
 
 TILE_ABOVE = 128 * 128  # latent pixels (a 1024² image) above which decoding is tiled
 _LOAD = object()  # from_pretrained's "load this component from the folder" default
-_HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
-_IGNORED_KWARGS = ("use_safetensors", "low_cpu_mem_usage", "device_map_kwargs")
 
 
 @dataclass
@@ -147,7 +145,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         prompt_cache: True (the default folder), a folder or a PromptCache: T5 embeddings of prompts seen before
         are read from disk, and the text encoder is not loaded for them (off by default, as in diffusers).
         """
-        unknown = sorted(set(kwargs) - set(_HUB_KWARGS) - set(_IGNORED_KWARGS))
+        unknown = sorted(set(kwargs) - set(HUB_KWARGS) - set(IGNORED_KWARGS))
         if unknown:
             raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(unknown)}")
         given = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae,
@@ -156,7 +154,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
             raise ValueError("transformer_quantization applies to the transformer loaded from the folder: quantize "
                              "yours as you load it, PixArtTransformer2DModel.from_pretrained(..., quantization=...)")
         wanted = [name for name, value in given.items() if value is _LOAD]
-        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        hub_kwargs = hub_options(kwargs)
         folder = resolve(pretrained_model_name_or_path, components=wanted, **hub_kwargs)
         for name in absent_components(folder) & set(wanted):  # saved without it
             given[name] = None

@@ -67,9 +67,9 @@ class T5Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None,
-                        use_fast: bool = False) -> "T5Tokenizer":
+                        use_fast: bool = False, **hub_kwargs: Any) -> "T5Tokenizer":
         """Read `spiece.model` with sentencepiece, else (or when use_fast) `tokenizer.json` with tokenizers."""
-        folder = resolve(path_or_id, subfolder)
+        folder = resolve(path_or_id, subfolder, **hub_kwargs)
         config = _read_json(folder / "tokenizer_config.json")
         special_map = _read_json(folder / "special_tokens_map.json")
         names = {k: _token_name(special_map.get(f"{k}_token", config.get(f"{k}_token")), d)

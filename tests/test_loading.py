@@ -157,3 +157,46 @@ def test_bf16_load_never_holds_fp32_parameters(t5_folder):
     model = T5EncoderModel.from_pretrained(folder, torch_dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert (model(ids)[0].float() - expected).abs().max() < 0.1
+
+
+def hub_cache(root, repo_id: str, folder) -> str:
+    """A Hugging Face cache (cache_dir) holding `folder` as the main snapshot of `repo_id`, as huggingface_hub lays
+    it out: models--owner--name/refs/main names the commit, snapshots/<commit>/ holds the files."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    return str(root)
+
+
+def test_a_hub_id_in_the_local_cache_loads_with_local_files_only(pipeline_dir_512, tmp_path):
+    import pixart
+
+    cache = hub_cache(tmp_path / "hub", "someone/tiny-pixart", pipeline_dir_512)
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained("someone/tiny-pixart", cache_dir=cache, local_files_only=True)
+    assert pipe.transformer is not None and pipe.tokenizer is not None
+    scheduler = pixart.EulerDiscreteScheduler.from_pretrained("someone/tiny-pixart", subfolder="scheduler",
+                                                              cache_dir=cache, local_files_only=True)
+    assert scheduler.class_name == "EulerDiscreteScheduler"
+    with pytest.raises(FileNotFoundError, match="local_files_only=True forbids downloading it"):
+        pixart.PixArtAlphaPipeline.from_pretrained("someone/other-model", cache_dir=cache, local_files_only=True)
+
+
+def test_models_take_diffusers_loading_keywords_and_name_unknown_ones(pipeline_dir_512, tmp_path):
+    import pixart
+
+    cache = hub_cache(tmp_path / "hub", "someone/tiny-pixart", pipeline_dir_512)
+    common = dict(cache_dir=cache, local_files_only=True, use_safetensors=True, low_cpu_mem_usage=True)
+    transformer = pixart.PixArtTransformer2DModel.from_pretrained("someone/tiny-pixart", subfolder="transformer",
+                                                                 torch_dtype=torch.bfloat16, **common)
+    assert transformer.dtype == torch.bfloat16
+    assert pixart.T5EncoderModel.from_pretrained("someone/tiny-pixart", subfolder="text_encoder", **common)
+    assert pixart.AutoencoderKL.from_pretrained("someone/tiny-pixart", subfolder="vae", **common)
+    assert pixart.T5Tokenizer.from_pretrained("someone/tiny-pixart", subfolder="tokenizer", cache_dir=cache,
+                                              local_files_only=True).encode("a cat")
+    with pytest.raises(TypeError, match="unexpected keyword arguments: sampel_size \\(neither a loading option nor a "
+                                        "field of TransformerConfig\\)"):
+        pixart.PixArtTransformer2DModel.from_pretrained(pipeline_dir_512, subfolder="transformer", sampel_size=64)

@@ -14,7 +14,7 @@ from torch import nn
 from ..configs import T5Config
 from ..quant import QuantSpec, check_stored, quant_spec, quantize_lazily, quantize_linears, read_spec, write_spec
 from ..weights.files import Lazy, WeightsError
-from ..weights.hub import resolve
+from ..weights.hub import hub_options, resolve
 from ..weights.loading import PretrainedModel, load_into
 
 ACTIVATIONS = {
@@ -162,14 +162,15 @@ class T5EncoderModel(PretrainedModel):
         device: str | torch.device = "cpu",
         variant: str | None = None,
         quantization: str | QuantSpec | None = None,
-        **config_overrides: Any,
+        **kwargs: Any,
     ) -> "T5EncoderModel":
         """Load a float or a saved quantized encoder; `quantization` "int8" / "int4" quantizes a float one as it loads.
 
         Every linear layer of the blocks is quantized (weight-only); the embedding, the norms and the relative
         position bias stay in torch_dtype. Float weights are read, quantized and dropped one at a time, so the
         float model is never whole in memory."""
-        folder = resolve(path_or_id, subfolder)
+        folder = resolve(path_or_id, subfolder, **hub_options(kwargs))
+        config_overrides = kwargs
         saved, wanted = read_spec(folder / "config.json"), quant_spec(quantization)
         if saved is None and wanted is None:
             return super().from_pretrained(folder, None, torch_dtype, device, variant, **config_overrides)

@@ -15,7 +15,7 @@ from ..configs import PRESETS, TransformerConfig
 from ..quant import quantize_lazily, quantize_linears
 from ..quant_dynamic import DynamicSpec, dynamic_spec
 from ..weights.files import Lazy, WeightsError, lazy_tensors
-from ..weights.hub import resolve
+from ..weights.hub import hub_options, resolve
 from ..weights.keymaps import PIXART_ORIGINAL, apply_key_map
 from ..weights.loading import PretrainedModel, load_into
 from .layers import attention, gelu_tanh, modulate, sincos_pos_embed_2d, timestep_embedding
@@ -285,15 +285,16 @@ class PixArtTransformer2DModel(PretrainedModel):
         device: str | torch.device = "cpu",
         variant: str | None = None,
         quantization: str | DynamicSpec | None = None,
-        **config_overrides: Any,
+        **kwargs: Any,
     ) -> "PixArtTransformer2DModel":
         """Load from a model folder (or a pipeline folder + subfolder, or a Hub id).
 
         quantization: "int8" (or "fp8", GPUs from Ada on) quantizes the blocks' linear layers while loading: weights
         per output channel, activations per token at each call (see pixart.quant.DynamicLinear)."""
         if quantization is None:
-            return super().from_pretrained(path_or_id, subfolder, torch_dtype, device, variant, **config_overrides)
-        folder, config, tensors = cls.read_folder(resolve(path_or_id, subfolder), variant, config_overrides)
+            return super().from_pretrained(path_or_id, subfolder, torch_dtype, device, variant, **kwargs)
+        folder = resolve(path_or_id, subfolder, **hub_options(kwargs))
+        folder, config, tensors = cls.read_folder(folder, variant, kwargs)
         return cls.from_state(config, tensors, str(folder), torch_dtype, device, quantization)
 
     @classmethod

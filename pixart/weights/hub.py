@@ -3,8 +3,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from .. import demo
+
+
+# from_pretrained's keywords for huggingface_hub (where and how to fetch), and diffusers' loading options that change
+# nothing here (safetensors are preferred anyway, loading is always lazy)
+HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "proxies")
+IGNORED_KWARGS = ("use_safetensors", "low_cpu_mem_usage", "device_map_kwargs", "resume_download")
+
+
+def hub_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the Hub keywords out of `kwargs` (and drop the ignored ones): what stays is the caller's own."""
+    for name in IGNORED_KWARGS:
+        kwargs.pop(name, None)
+    return {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
 
 
 def resolve(
@@ -33,13 +47,22 @@ def resolve(
     prefixes = [f"{f}/" for f in folders] if folders else [""]
     patterns = ["model_index.json"] + [p + ext for p in prefixes for ext in ("*.json", "*.safetensors", "*.model")]
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    local_only = bool(hub_kwargs.pop("local_files_only", False))
 
     def snapshot(**kw) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, **hub_kwargs, **kw))
 
     try:
+        if hub_kwargs.get("force_download") and not local_only:
+            raise LocalEntryNotFoundError("force_download: the cache is not read")
         folder = snapshot(local_files_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError):
+        if local_only:
+            raise FileNotFoundError(
+                f"{repo_id} is not in the local Hugging Face cache, and local_files_only=True forbids downloading it. "
+                f"Fix: run once with the network (without local_files_only), or `huggingface-cli download {repo_id}`"
+                ", or pass the path of a local folder"
+            ) from None
         try:
             folder = snapshot()
         except RepositoryNotFoundError:

@@ -1,6 +1,7 @@
 """Build a model on the meta device and fill it from lazily read tensors, strictly, casting once."""
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .files import Lazy, WeightsError, lazy_tensors, weight_files
-from .hub import resolve
+from .hub import hub_options, resolve
 
 
 def check_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size | None], source: str) -> None:
@@ -81,10 +82,12 @@ class PretrainedModel(nn.Module):
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         variant: str | None = None,
-        **config_overrides: Any,
+        **kwargs: Any,
     ):
-        """Load from a model folder (or a pipeline folder + subfolder, or a Hub id)."""
-        folder, config, tensors = cls.read_folder(resolve(path_or_id, subfolder), variant, config_overrides)
+        """Load from a model folder (or a pipeline folder + subfolder, or a Hub id; Hub keywords as diffusers'); other
+        keywords override config fields."""
+        folder = resolve(path_or_id, subfolder, **hub_options(kwargs))
+        folder, config, tensors = cls.read_folder(folder, variant, kwargs)
         return cls.from_state(config, tensors, str(folder), torch_dtype, device)
 
     @classmethod
@@ -92,6 +95,10 @@ class PretrainedModel(nn.Module):
                     config_overrides: dict[str, Any]) -> tuple[Path, Any, dict[str, Lazy]]:
         """A model folder's config (with overrides) and its weights as lazy tensors in our key names."""
         config = cls.config_class.from_json(folder / "config.json")
+        unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(config)})
+        if unknown:
+            raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(unknown)} (neither a "
+                            f"loading option nor a field of {type(config).__name__})")
         if config_overrides:
             config = config.replace(**config_overrides)
         return folder, config, cls.map_keys(lazy_tensors(weight_files(folder, variant)))
