@@ -11,6 +11,17 @@ from typing import Any, TypeVar
 C = TypeVar("C", bound="JsonConfig")
 
 
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write a JSON file through a temporary one beside it: an existing file is replaced whole or left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class JsonConfig:
     """Mixin: build a frozen dataclass from a config dict, ignoring the keys it does not know."""
 
@@ -40,13 +51,7 @@ class JsonConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the config.json, replacing an existing one whole."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_json(path, self.to_dict())
 
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configs import write_json
 from .quant_dynamic import DynamicLinear, DynamicSpec, per_channel
 from .weights.files import Lazy, WeightsError
 
@@ -85,9 +86,7 @@ def read_spec(config_path: Path) -> QuantSpec | None:
 def write_spec(config_path: Path, spec: QuantSpec) -> None:
     """Add the `quantization` entry to a saved config.json."""
     config = json.loads(config_path.read_text())
-    tmp = config_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**config, "quantization": spec.to_dict()}, indent=2) + "\n")
-    tmp.replace(config_path)
+    write_json(config_path, {**config, "quantization": spec.to_dict()})
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .components import COMPONENTS, MODELS, is_available, release, weights_bytes
+from .configs import write_json
 
 logger = logging.getLogger("pixart")
 
@@ -53,8 +54,8 @@ def save_pipeline(pipe: Any, folder: str | os.PathLike) -> None:
                     release(pipe, name)
             written.append(f"{name}/")
         (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / "scheduler" / "scheduler_config.json", json.dumps(pipe.scheduler.to_dict(), indent=2))
-        write_atomic(folder / "model_index.json", json.dumps(dict(sorted(index.items())), indent=2))
+        pipe.scheduler.save(folder / "scheduler" / "scheduler_config.json")
+        write_json(folder / "model_index.json", dict(sorted(index.items())))
     except OSError as e:
         done = f"replaced whole: {', '.join(written)}; the rest is as it was" if written else "nothing was written"
         raise OSError(e.errno, f"saving the pipeline in {folder} failed ({e.strerror or e}: {e.filename or ''}): "
@@ -124,12 +125,3 @@ def model_bytes(pipe: Any, name: str) -> int:
     if module is not None:
         return sum(t.numel() * t.element_size() for t in module.state_dict().values())
     return weights_bytes(pipe._sources[name], pipe.dtype)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
