@@ -33,6 +33,7 @@ from .saving import absent_components, save_pipeline
 from .schedulers import as_scheduler
 from .tokenizer import T5Tokenizer, preprocess_prompt, warn_truncated
 from .weights.hub import HUB_KWARGS, IGNORED_KWARGS, hub_options, resolve
+from .weights.loading import dtype_keyword
 
 logger = logging.getLogger("pixart")
 
@@ -42,9 +43,19 @@ _LOAD = object()  # from_pretrained's "load this component from the folder" defa
 
 @dataclass
 class ImagePipelineOutput:
-    """What `pipe(...)` returns: `.images` (PIL list, NHWC array, NCHW tensor or latents)."""
+    """What `pipe(...)` returns: `.images` (PIL list, NHWC array, NCHW tensor or latents); as diffusers' outputs, also
+    `out[0]`, `out["images"]`, `out.to_tuple()` and `out.keys()`."""
 
     images: Any
+
+    def __getitem__(self, key: int | str) -> Any:
+        return self.to_tuple()[key] if isinstance(key, (int, slice)) else {"images": self.images}[key]
+
+    def keys(self) -> list[str]:
+        return ["images"]
+
+    def to_tuple(self) -> tuple:
+        return (self.images,)
 
 
 class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
@@ -145,6 +156,7 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         prompt_cache: True (the default folder), a folder or a PromptCache: T5 embeddings of prompts seen before
         are read from disk, and the text encoder is not loaded for them (off by default, as in diffusers).
         """
+        torch_dtype = dtype_keyword(torch_dtype, kwargs)
         unknown = sorted(set(kwargs) - set(HUB_KWARGS) - set(IGNORED_KWARGS))
         if unknown:
             raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(unknown)}")
@@ -354,6 +366,9 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         float rounding, without the host's launch time per kernel; for an eager transformer on a GPU, not with cache=.
         """
         kwargs.pop("mask_feature", None)
+        if kwargs.pop("cross_attention_kwargs", None):  # Stable Diffusion's LoRA-scale idiom: no effect in diffusers'
+            logger.warning("cross_attention_kwargs has no effect on PixArt-α (nor in diffusers): set a LoRA's "
+                           "strength with pipe.set_adapters(names, weights) or fuse_lora(lora_scale=...)")
         if kwargs:
             raise TypeError(f"PixArtAlphaPipeline() got unexpected keyword arguments: {', '.join(kwargs)}")
         if not is_available(self, "transformer"):

@@ -129,10 +129,11 @@ class T5Tokenizer:
                 ids.extend(self._encode(part))
         return ids + [self.eos_token_id] if add_special_tokens else ids
 
-    def __call__(self, text: str | Sequence[str], max_length: int | None = 120, padding: str | bool = "max_length",
-                 truncation: bool = True, add_special_tokens: bool = True,
-                 return_tensors: str | None = "pt") -> Encoding:
-        """Encode, truncate to max_length keeping `</s>` last, pad ("max_length", "longest"/True, or False)."""
+    def __call__(self, text: str | Sequence[str], max_length: int | None = None, padding: str | bool = False,
+                 truncation: bool = False, add_special_tokens: bool = True,
+                 return_tensors: str | None = None) -> Encoding:
+        """Encode, truncate to max_length keeping `</s>` last, pad ("max_length", "longest"/True, or False); the
+        defaults are transformers' (no padding, no truncation, lists), the pipeline passes PixArt's (120, padded)."""
         if padding == "max_length" and max_length is None:
             raise ValueError("padding='max_length' needs a max_length")
         rows = []

@@ -148,7 +148,7 @@ def test_diffusers_draws_the_same_images_from_the_demo_folder(demo_pipe):
     theirs = diffusers.PixArtAlphaPipeline.from_pretrained(str(demo.MODEL))
     theirs.set_progress_bar_config(disable=True)
     captions = [shapes.caption(label) for label in shapes.labels()]
-    ours_ids = demo_pipe.tokenizer(captions, padding="max_length", max_length=120).input_ids
+    ours_ids = demo_pipe.tokenizer(captions, padding="max_length", max_length=120, return_tensors="pt").input_ids
     their_ids = theirs.tokenizer(captions, padding="max_length", max_length=120, return_tensors="pt").input_ids
     assert ours_ids.tolist() == their_ids.tolist()
     prompts = ["a red square on a black background", "a cyan triangle on a gray background"]

@@ -202,7 +202,8 @@ def test_captions_are_cut_after_the_last_real_token_with_the_same_result(pipe, m
     latents equal the uncut ones up to float rounding: matmuls and attention over other lengths sum in another order
     (measured: 3e-4 where the largest latent of this random model is 727, 4e-7 of it; bound: 1e-5 of it, 80 float32
     epsilons)."""
-    tokens = int(pipe.tokenizer([PROMPT], padding="max_length", max_length=120).attention_mask.sum())  # with EOS
+    tokens = int(pipe.tokenizer([PROMPT], padding="max_length", max_length=120,
+                                return_tensors="pt").attention_mask.sum())  # with EOS
     assert caption_lengths(pipe) == [tokens] * 3
     cut = latents(pipe, steps=3)
     monkeypatch.setattr(pixart.denoise, "caption_length", lambda mask: None)  # nothing cut

@@ -224,3 +224,27 @@ def test_diffusers_memory_calls_are_accepted_and_change_nothing(pipes_512):
     if not torch.cuda.is_available():  # offloading needs a GPU; sequential is model offloading, with a warning
         with pytest.raises(ValueError, match="not an available CUDA device"):
             ours.enable_sequential_cpu_offload()
+
+
+def test_diffusers_calling_conventions_work(pipes_512, pipeline_dir_512, caplog):
+    """The output indexes as diffusers' BaseOutput; dtype= is diffusers' newer torch_dtype; cross_attention_kwargs
+    (Stable Diffusion's LoRA scale, without effect on PixArt in diffusers) is accepted with a warning."""
+    ours, _ = pipes_512
+    out = ours("a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out[0] is out["images"] is out.images and out.to_tuple() == (out.images,) and out.keys() == ["images"]
+    with caplog.at_level("WARNING", logger="pixart"):
+        again = ours("a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0),
+                     cross_attention_kwargs={"scale": 0.5}).images
+    np.testing.assert_array_equal(again, out.images)
+    assert "cross_attention_kwargs has no effect" in caplog.text
+    _, ref = pipes_512
+    for name in ("transformer", "vae"):  # configs read as diffusers' dicts, with diffusers' values
+        config, theirs = getattr(ours, name).config, getattr(ref, name).config
+        assert config["sample_size"] == theirs["sample_size"] and config.get("nope", 7) == 7
+        shared = set(config) & set(theirs) - {"_class_name"}
+        assert len(shared) > 10 and {k: config[k] for k in shared} == {k: theirs[k] for k in shared}, name
+    assert ours.tokenizer("a cat").input_ids == ref.tokenizer("a cat").input_ids  # transformers' call defaults
+    bf16 = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, dtype=torch.bfloat16)
+    assert bf16.transformer.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="pass one of them"):
+        pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, dtype=torch.bfloat16, torch_dtype=torch.float16)

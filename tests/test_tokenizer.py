@@ -126,7 +126,10 @@ def test_pipeline_subfolder_and_call_conventions(folders):
     assert enc.input_ids[0, n - 1] == 1 and (enc.input_ids[0, n:] == 0).all()
     assert tok("a red circle", padding=False, return_tensors=None).input_ids == enc.input_ids[0, :n].tolist()
     with pytest.raises(ValueError, match="padding='longest'"):
-        tok(["a", "a red circle"], padding=False)
+        tok(["a", "a red circle"], padding=False, return_tensors="pt")
+    # called without options, as transformers' tokenizer: no padding, no truncation, lists
+    assert tok("a red circle").input_ids == enc.input_ids[0, :n].tolist()
+    assert tok(["a", "a red circle"]).input_ids == [tok.encode("a"), tok.encode("a red circle")]
 
 
 def test_missing_tokenizer_files_are_reported(tmp_path):

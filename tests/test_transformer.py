@@ -130,6 +130,23 @@ def test_forward_matches_diffusers(saved, size):
     assert (got - expected).abs().max() < TOL
 
 
+def test_diffusers_style_call_gives_the_same_prediction(saved):
+    ref, folder = saved
+    model = PixArtTransformer2DModel.from_pretrained(folder)
+    x, t, y, mask, res, ar = inputs(ref, 16, 16)
+    conds = {"resolution": res, "aspect_ratio": ar}
+    with torch.no_grad():
+        want = reference(ref, x, t, y, mask, res, ar)
+        got = model(x, encoder_hidden_states=y, encoder_attention_mask=mask, timestep=t, added_cond_kwargs=conds,
+                    return_dict=False)[0]
+        assert (got - want).abs().max() < TOL
+        out = model(hidden_states=x, encoder_hidden_states=y, encoder_attention_mask=mask, timestep=t,
+                    added_cond_kwargs=conds)
+        torch.testing.assert_close(out.sample, got, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="set_adapters"):
+            model(x, encoder_hidden_states=y, timestep=t, added_cond_kwargs=conds, cross_attention_kwargs={"scale": 2})
+
+
 def test_diffusers_fuse_qkv_calls_are_accepted_and_keep_the_output(saved):
     ref, folder = saved
     model = PixArtTransformer2DModel.from_pretrained(folder)

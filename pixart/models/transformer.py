@@ -17,7 +17,7 @@ from ..quant_dynamic import DynamicSpec, dynamic_spec
 from ..weights.files import Lazy, WeightsError, lazy_tensors
 from ..weights.hub import hub_options, resolve
 from ..weights.keymaps import PIXART_ORIGINAL, apply_key_map
-from ..weights.loading import PretrainedModel, load_into
+from ..weights.loading import PretrainedModel, dtype_keyword, load_into
 from .layers import attention, gelu_tanh, modulate, sincos_pos_embed_2d, timestep_embedding
 
 # diffusers adds -10000 (not -inf) to the scores of padded caption tokens: matching it keeps parity,
@@ -156,6 +156,12 @@ class Context(NamedTuple):
     y_bias: torch.Tensor | None  # (B, 1, 1, L) attention bias of the caption's padding
 
 
+class TransformerOutput(NamedTuple):
+    """diffusers' Transformer2DModelOutput: `out.sample`, or `out[0]` as its return_dict=False tuple."""
+
+    sample: torch.Tensor
+
+
 class PixArtTransformer2DModel(PretrainedModel):
     """PixArt-α DiT; parameter names are diffusers', so a diffusers `transformer/` folder loads as is."""
 
@@ -208,21 +214,43 @@ class PixArtTransformer2DModel(PretrainedModel):
 
     def forward(
         self,
-        x: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        x: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         resolution: torch.Tensor | None = None,
         aspect_ratio: torch.Tensor | None = None,
+        **diffusers_style: Any,
     ) -> torch.Tensor:
         """Predict (B, out_channels, H, W) from latents (B, C, H, W), steps (B,) and captions (B, L, caption_channels).
 
         encoder_attention_mask (B, L) is 1 for real caption tokens and 0 for padding; resolution (B, 2) is the
         generated [height, width] in pixels and aspect_ratio (B, 1) height / width, used only by micro-conditioned
-        models (1024-MS).
+        models (1024-MS). diffusers' call works too (see `diffusers_call`).
         """
+        if diffusers_style:
+            return self.diffusers_call(x, timestep, encoder_hidden_states, encoder_attention_mask, **diffusers_style)
         tokens, ctx = self.embed(x, timestep, encoder_hidden_states, encoder_attention_mask, resolution, aspect_ratio)
         return self.final(self.run_blocks(tokens, ctx), ctx, *x.shape[-2:])
+
+    def diffusers_call(self, x: torch.Tensor | None, timestep: torch.Tensor | None, encoder_hidden_states: Any,
+                       encoder_attention_mask: Any, hidden_states: torch.Tensor | None = None,
+                       added_cond_kwargs: dict | None = None, cross_attention_kwargs: dict | None = None,
+                       attention_mask: torch.Tensor | None = None, return_dict: bool = True) -> "TransformerOutput":
+        """diffusers' `transformer(hidden_states, encoder_hidden_states=..., timestep=..., added_cond_kwargs={...},
+        return_dict=False)[0]` (or `.sample`): the same prediction, as a (sample,) tuple with a `.sample` field
+        whatever return_dict says."""
+        if attention_mask is not None:
+            raise ValueError("attention_mask (a mask over the image tokens) is not supported: pass None")
+        if cross_attention_kwargs:
+            raise ValueError("cross_attention_kwargs is not supported: a LoRA's strength is set with the pipeline's "
+                             "set_adapters(names, weights)")
+        if hidden_states is not None and x is not None:
+            raise TypeError("pass the latents once: as the first argument or as hidden_states")
+        conds = added_cond_kwargs or {}
+        return TransformerOutput(self.forward(x if hidden_states is None else hidden_states, timestep,
+                                              encoder_hidden_states, encoder_attention_mask,
+                                              conds.get("resolution"), conds.get("aspect_ratio")))
 
     def embed(
         self,
@@ -293,6 +321,7 @@ class PixArtTransformer2DModel(PretrainedModel):
         per output channel, activations per token at each call (see pixart.quant.DynamicLinear)."""
         if quantization is None:
             return super().from_pretrained(path_or_id, subfolder, torch_dtype, device, variant, **kwargs)
+        torch_dtype = dtype_keyword(torch_dtype, kwargs)
         folder = resolve(path_or_id, subfolder, **hub_options(kwargs))
         folder, config, tensors = cls.read_folder(folder, variant, kwargs)
         return cls.from_state(config, tensors, str(folder), torch_dtype, device, quantization)

@@ -65,6 +65,14 @@ def _keeps_fp32(key: str, dtype: torch.dtype, keep_fp32: tuple[str, ...]) -> boo
     return dtype == torch.float16 and any(fnmatch.fnmatch(key, p) for p in keep_fp32)
 
 
+def dtype_keyword(torch_dtype: torch.dtype | None, kwargs: dict[str, Any]) -> torch.dtype | None:
+    """`torch_dtype`, or diffusers' newer spelling `dtype` (taken out of kwargs); both, and different, is an error."""
+    dtype = kwargs.pop("dtype", None)
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise TypeError(f"from_pretrained() got torch_dtype={torch_dtype} and dtype={dtype}: pass one of them")
+    return torch_dtype if torch_dtype is not None else dtype
+
+
 class PretrainedModel(nn.Module):
     """from_pretrained / save_pretrained for a module built from a frozen config dataclass."""
 
@@ -86,6 +94,7 @@ class PretrainedModel(nn.Module):
     ):
         """Load from a model folder (or a pipeline folder + subfolder, or a Hub id; Hub keywords as diffusers'); other
         keywords override config fields."""
+        torch_dtype = dtype_keyword(torch_dtype, kwargs)
         folder = resolve(path_or_id, subfolder, **hub_options(kwargs))
         folder, config, tensors = cls.read_folder(folder, variant, kwargs)
         return cls.from_state(config, tensors, str(folder), torch_dtype, device)
