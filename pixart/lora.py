@@ -274,6 +274,7 @@ class Adapters:
         self.layers: dict[str, Layers] = {}  # adapter -> its layers
         self.weights: dict[str, float] = {}  # the active adapters and their weights
         self.fused: float | None = None  # lora_scale of fuse_lora(), None when unfused
+        self.enabled = True  # disable_lora() turns every adapter off until enable_lora()
 
     def load(self, source: str | os.PathLike | dict[str, torch.Tensor], layers: dict[str, nn.Module],
              adapter_name: str | None = None, weight_name: str | None = None, **hub_kwargs) -> str:
@@ -314,8 +315,8 @@ class Adapters:
                 w = _float_of(layer.base_layer)
                 layer.add(adapter, A.to(w.device, w.dtype), B.to(w.device, w.dtype), scaling)
         for layer in wrapped.values():
-            layer.active = {n: w for n, w in self.weights.items() if n in layer.lora_A}
-            if self.fused is not None:
+            layer.active = {n: w for n, w in self.weights.items() if n in layer.lora_A} if self.enabled else {}
+            if self.fused is not None and self.enabled:
                 layer.fuse(self.fused)
 
 
@@ -352,6 +353,35 @@ class LoraLoaderMixin:
     def unfuse_lora(self) -> None:
         """Restore the weights fuse_lora changed, exactly; the adapters stay active, unfused."""
         self.lora.fused = None
+        self._apply_lora()
+
+    def get_active_adapters(self) -> list[str]:
+        """The adapters in use (set_adapters' names), in order."""
+        return list(self.lora.weights) if self.lora.enabled else []
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """Every loaded adapter, by the component that holds it (diffusers' layout: only the transformer here)."""
+        return {"transformer": list(self.lora.layers)} if self.lora.layers else {}
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        """Remove these adapters (their layers and weights); the others stay as they were."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.lora.layers]
+        if unknown:
+            raise ValueError(f"unknown LoRA adapters {unknown}: the loaded ones are {list(self.lora.layers) or 'none'}")
+        for name in names:
+            del self.lora.layers[name]
+            self.lora.weights.pop(name, None)
+        self._apply_lora()
+
+    def disable_lora(self) -> None:
+        """Turn every adapter off (the base model's output) until enable_lora(); nothing is unloaded."""
+        self.lora.enabled = False
+        self._apply_lora()
+
+    def enable_lora(self) -> None:
+        """Turn the adapters back on, as set_adapters and fuse_lora left them."""
+        self.lora.enabled = True
         self._apply_lora()
 
     def unload_lora_weights(self) -> None:

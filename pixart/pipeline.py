@@ -20,7 +20,7 @@ from .configs import SchedulerConfig
 from .cuda_graphs import GraphedForward
 from .denoise import check_guidance_interval, guidance_window, model_function, noise_level
 from .hardware import give_back_freed_memory, keep_freed_memory
-from .images import ImageProcessor, resize_and_crop_tensor
+from .images import ImageProcessor, numpy_to_pil, resize_and_crop_tensor
 from .inputs import check_call, micro_conditions, per_image
 from .lora import Adapters, LoraLoaderMixin
 from .models.t5 import T5EncoderModel
@@ -212,6 +212,14 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
                              "safe_serialization, variant, push_to_hub and other options at their defaults "
                              "(upload the folder with `huggingface-cli upload`)")
         save_pipeline(self, save_directory)
+
+    @staticmethod
+    def numpy_to_pil(images: Any) -> list:
+        """(B, H, W, C) floats in [0, 1] to PIL images, as diffusers' pipelines have it."""
+        return numpy_to_pil(images)
+
+    def maybe_free_model_hooks(self) -> None:
+        """diffusers' end-of-call offload hook, for code written against it: pixart's memory modes need none."""
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """Options for the tqdm progress bar of the denoising loop (e.g. disable=True)."""

@@ -387,3 +387,30 @@ def test_lora_option_parses_file_and_scale():
     assert lora_option("owner/name") == ("owner/name", 1.0)
     assert lora_option("C:\\loras\\x.safetensors") == ("C:\\loras\\x.safetensors", 1.0)
     assert lora_option("dir/x.safetensors:-1") == ("dir/x.safetensors", -1.0)
+
+
+def test_adapter_listing_deleting_disabling_as_in_diffusers(pipeline_dir_512):
+    pipe = pipeline(pipeline_dir_512)
+    base = run(pipe)
+    a, b = tiny_lora_state(pipe, seed=5), tiny_lora_state(pipe, seed=6)
+    pipe.load_lora_weights(a, adapter_name="a")
+    pipe.load_lora_weights(b, adapter_name="b")
+    both = run(pipe)
+    assert pipe.get_list_adapters() == {"transformer": ["a", "b"]} and pipe.get_active_adapters() == ["a", "b"]
+    pipe.disable_lora()
+    torch.testing.assert_close(run(pipe), base, rtol=0, atol=0)
+    assert pipe.get_active_adapters() == []
+    pipe.enable_lora()
+    torch.testing.assert_close(run(pipe), both, rtol=0, atol=0)
+    pipe.fuse_lora()
+    pipe.disable_lora()  # fused: the base weights come back bit for bit
+    torch.testing.assert_close(run(pipe), base, rtol=0, atol=0)
+    pipe.enable_lora()
+    pipe.unfuse_lora()
+    pipe.delete_adapters("a")
+    only_b = pipeline(pipeline_dir_512)
+    only_b.load_lora_weights(b, adapter_name="b")
+    torch.testing.assert_close(run(pipe), run(only_b), rtol=0, atol=0)
+    assert pipe.get_list_adapters() == {"transformer": ["b"]}
+    with pytest.raises(ValueError, match="unknown LoRA adapters \\['a'\\]"):
+        pipe.delete_adapters(["a"])

@@ -229,15 +229,17 @@ def test_diffusers_memory_calls_are_accepted_and_change_nothing(pipes_512):
 def test_diffusers_calling_conventions_work(pipes_512, pipeline_dir_512, caplog):
     """The output indexes as diffusers' BaseOutput; dtype= is diffusers' newer torch_dtype; cross_attention_kwargs
     (Stable Diffusion's LoRA scale, without effect on PixArt in diffusers) is accepted with a warning."""
-    ours, _ = pipes_512
+    ours, ref = pipes_512
     out = ours("a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     assert out[0] is out["images"] is out.images and out.to_tuple() == (out.images,) and out.keys() == ["images"]
+    for mine, theirs in zip(ours.numpy_to_pil(out.images), ref.numpy_to_pil(out.images), strict=True):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+    ours.maybe_free_model_hooks()  # diffusers' hook, for code that calls it
     with caplog.at_level("WARNING", logger="pixart"):
         again = ours("a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0),
                      cross_attention_kwargs={"scale": 0.5}).images
     np.testing.assert_array_equal(again, out.images)
     assert "cross_attention_kwargs has no effect" in caplog.text
-    _, ref = pipes_512
     for name in ("transformer", "vae"):  # configs read as diffusers' dicts, with diffusers' values
         config, theirs = getattr(ours, name).config, getattr(ref, name).config
         assert config["sample_size"] == theirs["sample_size"] and config.get("nope", 7) == 7

@@ -147,6 +147,16 @@ def test_diffusers_style_call_gives_the_same_prediction(saved):
             model(x, encoder_hidden_states=y, timestep=t, added_cond_kwargs=conds, cross_attention_kwargs={"scale": 2})
 
 
+def test_from_config_builds_the_model_diffusers_builds_from_that_config(saved):
+    ref, folder = saved
+    config = PixArtTransformer2DModel.load_config(folder)
+    assert config == PixArtTransformer2DModel.from_pretrained(folder).config
+    for source in (config, dict(ref.config)):  # ours, and diffusers' FrozenDict
+        model = PixArtTransformer2DModel.from_config(source)
+        assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert PixArtTransformer2DModel.from_config(config, num_layers=1).config.num_layers == 1
+
+
 def test_diffusers_fuse_qkv_calls_are_accepted_and_keep_the_output(saved):
     ref, folder = saved
     model = PixArtTransformer2DModel.from_pretrained(folder)

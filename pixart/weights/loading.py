@@ -100,6 +100,18 @@ class PretrainedModel(nn.Module):
         return cls.from_state(config, tensors, str(folder), torch_dtype, device)
 
     @classmethod
+    def load_config(cls, path_or_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> Any:
+        """The config.json of a model folder or Hub id (diffusers' `load_config`), as this model's config."""
+        return cls.config_class.from_json(resolve(path_or_id, subfolder, **hub_options(hub_kwargs)) / "config.json")
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any):
+        """A new, randomly initialised model of `config` (ours, or a diffusers config dict), as diffusers'."""
+        if not isinstance(config, cls.config_class):
+            config = cls.config_class.from_dict(dict(config))
+        return cls(config.replace(**overrides) if overrides else config)
+
+    @classmethod
     def read_folder(cls, folder: Path, variant: str | None,
                     config_overrides: dict[str, Any]) -> tuple[Path, Any, dict[str, Lazy]]:
         """A model folder's config (with overrides) and its weights as lazy tensors in our key names."""
