@@ -58,6 +58,20 @@ class ImagePipelineOutput:
         return (self.images,)
 
 
+def component_dtypes(torch_dtype: Any) -> dict[str, torch.dtype | None]:
+    """One dtype for every model, or diffusers' per-component dict ({"transformer": torch.bfloat16, "default": ...};
+    a model it does not name takes "default", else fp32)."""
+    if torch_dtype is None or isinstance(torch_dtype, torch.dtype):
+        return dict.fromkeys(("default", *MODELS), torch_dtype)
+    if not isinstance(torch_dtype, dict) or not all(isinstance(v, torch.dtype) for v in torch_dtype.values()):
+        raise TypeError(f"torch_dtype must be a torch.dtype or a dict of them by component, got {torch_dtype!r}")
+    unknown = sorted(set(torch_dtype) - {"default", *MODELS})
+    if unknown:
+        raise ValueError(f"torch_dtype names unknown components {unknown}: use {', '.join(MODELS)} or default")
+    default = torch_dtype.get("default")
+    return {"default": default, **{name: torch_dtype.get(name, default) for name in MODELS}}
+
+
 class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
     """Drop-in for diffusers' PixArtAlphaPipeline, in plain PyTorch."""
 
@@ -157,6 +171,8 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
         are read from disk, and the text encoder is not loaded for them (off by default, as in diffusers).
         """
         torch_dtype = dtype_keyword(torch_dtype, kwargs)
+        dtypes = component_dtypes(torch_dtype)
+        torch_dtype = dtypes["default"]
         unknown = sorted(set(kwargs) - set(HUB_KWARGS) - set(IGNORED_KWARGS))
         if unknown:
             raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(unknown)}")
@@ -178,11 +194,12 @@ class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
 
         makers: dict[str, Callable[[Path], Any]] = {
             "tokenizer": T5Tokenizer.from_pretrained,
-            "text_encoder": lambda p: T5EncoderModel.from_pretrained(p, torch_dtype=torch_dtype, device=load_device,
+            "text_encoder": lambda p: T5EncoderModel.from_pretrained(p, torch_dtype=dtypes["text_encoder"],
+                                                                     device=load_device,
                                                                      variant=variant,
                                                                      quantization=text_encoder_quantization),
-            "vae": lambda p: load_vae(p, torch_dtype, load_device),
-            "transformer": lambda p: PixArtTransformer2DModel.from_pretrained(p, torch_dtype=torch_dtype,
+            "vae": lambda p: load_vae(p, dtypes["vae"], load_device),
+            "transformer": lambda p: PixArtTransformer2DModel.from_pretrained(p, torch_dtype=dtypes["transformer"],
                                                                               device=load_device, variant=variant,
                                                                               quantization=transformer_quantization),
             "scheduler": load_scheduler,

@@ -250,3 +250,15 @@ def test_diffusers_calling_conventions_work(pipes_512, pipeline_dir_512, caplog)
     assert bf16.transformer.dtype == torch.bfloat16
     with pytest.raises(TypeError, match="pass one of them"):
         pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, dtype=torch.bfloat16, torch_dtype=torch.float16)
+
+
+def test_per_component_dtypes_as_in_diffusers(pipeline_dir_512):
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, torch_dtype={"transformer": torch.bfloat16,
+                                                                                     "default": torch.float32})
+    assert (pipe.transformer.dtype, pipe.vae.dtype, pipe.text_encoder.dtype) == (torch.bfloat16,) + (torch.float32,) * 2
+    pipe.set_progress_bar_config(disable=True)
+    assert np.isfinite(pipe("a cat", num_inference_steps=2, output_type="np").images).all()
+    with pytest.raises(ValueError, match="unknown components \\['unet'\\]: use text_encoder, transformer, vae"):
+        pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, torch_dtype={"unet": torch.float16})
+    with pytest.raises(TypeError, match="torch_dtype must be a torch.dtype or a dict of them"):
+        pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, torch_dtype="bf16")
