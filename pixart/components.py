@@ -205,6 +205,20 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
+def component_dtypes(torch_dtype: Any) -> dict[str, torch.dtype | None]:
+    """One dtype for every model, or diffusers' per-component dict ({"transformer": torch.bfloat16, "default": ...};
+    a model it does not name takes "default", else fp32)."""
+    if torch_dtype is None or isinstance(torch_dtype, torch.dtype):
+        return dict.fromkeys(("default", *MODELS), torch_dtype)
+    if not isinstance(torch_dtype, dict) or not all(isinstance(v, torch.dtype) for v in torch_dtype.values()):
+        raise TypeError(f"torch_dtype must be a torch.dtype or a dict of them by component, got {torch_dtype!r}")
+    unknown = sorted(set(torch_dtype) - {"default", *MODELS})
+    if unknown:
+        raise ValueError(f"torch_dtype names unknown components {unknown}: use {', '.join(MODELS)} or default")
+    default = torch_dtype.get("default")
+    return {"default": default, **{name: torch_dtype.get(name, default) for name in MODELS}}
+
+
 def choose_memory(mode: str, folders: dict[str, Path], dtype: torch.dtype, device: torch.device) -> str:
     """Resolve `auto`: staged when the models together would not fit in 80% of the available memory."""
     if mode not in MEMORY_MODES:

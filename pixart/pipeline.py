@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from .bins import classify_height_width_bin, model_bin_table
 from .compile import is_compiled
-from .components import (MODELS, Component, Held, ModelPlacement, choose_memory, component_folders, device_from,
-                         is_available, load_scheduler, load_vae, module_device, module_dtype, read_config, running)
+from .components import (MODELS, Component, Held, ModelPlacement, choose_memory, component_dtypes, component_folders,
+                         device_from, is_available, load_scheduler, load_vae, module_device, module_dtype, read_config,
+                         running)
 from .configs import SchedulerConfig
 from .cuda_graphs import GraphedForward
 from .denoise import check_guidance_interval, guidance_window, model_function, noise_level
@@ -56,20 +57,6 @@ class ImagePipelineOutput:
 
     def to_tuple(self) -> tuple:
         return (self.images,)
-
-
-def component_dtypes(torch_dtype: Any) -> dict[str, torch.dtype | None]:
-    """One dtype for every model, or diffusers' per-component dict ({"transformer": torch.bfloat16, "default": ...};
-    a model it does not name takes "default", else fp32)."""
-    if torch_dtype is None or isinstance(torch_dtype, torch.dtype):
-        return dict.fromkeys(("default", *MODELS), torch_dtype)
-    if not isinstance(torch_dtype, dict) or not all(isinstance(v, torch.dtype) for v in torch_dtype.values()):
-        raise TypeError(f"torch_dtype must be a torch.dtype or a dict of them by component, got {torch_dtype!r}")
-    unknown = sorted(set(torch_dtype) - {"default", *MODELS})
-    if unknown:
-        raise ValueError(f"torch_dtype names unknown components {unknown}: use {', '.join(MODELS)} or default")
-    default = torch_dtype.get("default")
-    return {"default": default, **{name: torch_dtype.get(name, default) for name in MODELS}}
 
 
 class PixArtAlphaPipeline(ModelPlacement, LoraLoaderMixin):
