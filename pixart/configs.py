@@ -260,6 +260,11 @@ class SchedulerConfig(JsonConfig):
         d = self.to_dict()
         return ConfigDict({**d, "_use_default_values": sorted(self.defaulted & d.keys())})
 
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write scheduler_config.json into the folder (created if needed), as diffusers' schedulers do."""
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        self.save(Path(save_directory) / "scheduler_config.json")
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
                         **hub_kwargs: Any) -> "SchedulerConfig":
@@ -281,7 +286,7 @@ class ConfigDict(dict):
         try:
             return self[name]
         except KeyError:
-            raise AttributeError(f"the scheduler config has no key {name!r}") from None
+            raise AttributeError(f"the config has no key {name!r}") from None
 
 
 # The SchedulerConfig fields each diffusers class takes besides COMMON_FIELDS (tests/test_samplers.py checks them

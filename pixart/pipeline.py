@@ -17,7 +17,7 @@ from .compile import is_compiled
 from .components import (MODELS, Component, ModelPlacement, choose_memory, component_dtypes, component_folders,
                          device_from, is_available, load_scheduler, load_vae, module_device, module_dtype, read_config,
                          running)
-from .configs import SchedulerConfig
+from .configs import ConfigDict, SchedulerConfig
 from .cuda_graphs import GraphedForward
 from .denoise import check_guidance_interval, guidance_window, model_function, noise_level
 from .encoding import PromptEncoding
@@ -31,7 +31,7 @@ from .models.vae import AutoencoderKL
 from .prompt_cache import PromptCache, fingerprint
 from .reuse import StepCache, cache_setting
 from .samplers import make_timesteps, randn_tensor, sample
-from .saving import absent_components, save_pipeline
+from .saving import absent_components, pipeline_index, save_pipeline
 from .schedulers import as_scheduler
 from .tokenizer import T5Tokenizer
 from .weights.hub import HUB_KWARGS, IGNORED_KWARGS, hub_options, resolve
@@ -87,6 +87,7 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
         self._loaders = dict(loaders or {})  # name -> load it again (staged mode releases after each use)
         self._configs = dict(configs or {})  # model configs known without loading the model
         self._sources = dict(sources or {})  # name -> the folder a component was read from
+        self._name_or_path: str | None = None  # from_pretrained's source
         given = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer}
         self._loaded.update({name: module for name, module in given.items() if name not in self._loaders})
         self.memory = memory
@@ -103,6 +104,16 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
         self.image_processor = ImageProcessor(vae_scale_factor=scale)
         self._progress_bar_config: dict[str, Any] = {}
         self.lora = Adapters()  # re-applied to the transformer whenever it loads
+
+    @property
+    def config(self) -> ConfigDict:
+        """diffusers' `pipe.config`: each component's (library, class) and `_name_or_path`."""
+        return ConfigDict(pipeline_index(self))
+
+    @property
+    def name_or_path(self) -> str | None:
+        """The folder or Hub id the pipeline was loaded from (None when built from objects)."""
+        return self._name_or_path
 
     @property
     def scheduler(self) -> SchedulerConfig:
@@ -200,6 +211,7 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
                 parts[name] = loaders.pop(name)()  # tokenizer and scheduler are small: always loaded now
         pipe = cls(**parts, loaders=loaders, configs=configs, sources=subfolders, memory=memory, device=device,
                    load_dtype=torch_dtype)
+        pipe._name_or_path = str(pretrained_model_name_or_path)
         if prompt_cache and "text_encoder" in wanted and "tokenizer" in wanted:
             pipe.prompt_cache = prompt_cache if isinstance(prompt_cache, PromptCache) else \
                 PromptCache(None if prompt_cache is True else prompt_cache)

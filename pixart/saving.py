@@ -53,8 +53,7 @@ def save_pipeline(pipe: Any, folder: str | os.PathLike) -> None:
                 if not was_loaded:
                     release(pipe, name)
             written.append(f"{name}/")
-        (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-        pipe.scheduler.save(folder / "scheduler" / "scheduler_config.json")
+        pipe.scheduler.save_pretrained(folder / "scheduler")
         write_json(folder / "model_index.json", dict(sorted(index.items())))
     except OSError as e:
         done = f"replaced whole: {', '.join(written)}; the rest is as it was" if written else "nothing was written"
@@ -78,6 +77,14 @@ def check_folder(folder: str | os.PathLike) -> Path:
             raise PermissionError(f"cannot write in {path}: save the pipeline elsewhere, or make it writable; "
                                   "nothing was written")
     return folder
+
+
+def pipeline_index(pipe: Any) -> dict[str, Any]:
+    """diffusers' `pipe.config`: [library, class] of each component (as save_pretrained would write them, without
+    loading a staged model; None for one left out) and `_name_or_path`."""
+    entries = {name: tuple(index_entry(pipe, name, pipe._loaded.get(name))) if is_available(pipe, name)
+               else (None, None) for name in LIBRARIES}
+    return {**entries, "scheduler": ("diffusers", pipe.scheduler.class_name), "_name_or_path": pipe.name_or_path}
 
 
 def index_entry(pipe: Any, name: str, module: Any) -> list[str]:

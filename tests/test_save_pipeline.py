@@ -174,3 +174,18 @@ def test_demo_saved_in_bf16_keeps_its_tokenizer_class_and_dtype(tmp_path):
     assert ref.tokenizer("a red circle").input_ids == pipe.tokenizer.encode("a red circle")
     again = load(tmp_path / "demo", torch_dtype=torch.bfloat16)
     np.testing.assert_array_equal(generate(again), generate(pipe))
+
+
+def test_pipeline_config_and_scheduler_saving_as_in_diffusers(pipeline_dir_512, tmp_path):
+    pipe = load(pipeline_dir_512, memory="staged")
+    ref = diffusers.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
+    assert pipe.name_or_path == str(ref.name_or_path) == str(pipeline_dir_512)
+    assert pipe.config._name_or_path == str(pipeline_dir_512)
+    for name in ("text_encoder", "vae", "transformer", "scheduler"):  # transformers 5 renames its tokenizer classes
+        assert pipe.config[name] == tuple(ref.config[name]), name
+    assert pipe._loaded.get("transformer") is None  # reading the config loads no model
+    pipe.scheduler = pixart.EulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    pipe.scheduler.save_pretrained(tmp_path / "sched")
+    theirs = diffusers.EulerDiscreteScheduler.from_pretrained(tmp_path / "sched")
+    assert theirs.config.use_karras_sigmas is True
+    assert pixart.EulerDiscreteScheduler.from_pretrained(tmp_path / "sched") == pipe.scheduler

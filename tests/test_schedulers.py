@@ -90,7 +90,7 @@ def test_options_of_the_wrong_type_or_range_are_refused_at_once(changes, message
 def test_config_reads_as_a_dict_and_by_attribute():
     config = pixart.DDIMScheduler(steps_offset=1).config
     assert config["_class_name"] == "DDIMScheduler" and config.steps_offset == 1 and config["clip_sample"] is True
-    with pytest.raises(AttributeError, match="no key 'solver_order'"):
+    with pytest.raises(AttributeError, match="no key .solver_order."):
         config.solver_order  # noqa: B018 (DDIM has none)
 
 
