@@ -29,11 +29,12 @@ import pixart
 from pixart.demo import MODEL
 from pixart.demo.shapes import generate_all, score
 from pixart.hardware import set_threads
+from speed import FIRST_STEP_UNGUIDED
 
 GROUPS = {"fc1": ("ff.net.0",), "fc2": ("ff.net.2",), "qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
           "o1": ("attn1.to_out",), "q2": ("attn2.to_q",), "kv2": ("attn2.to_k", "attn2.to_v"), "o2": ("attn2.to_out",)}
 CALLS = {"cache-fast": {"cache": "fast"}, "guidance-late": {"guidance_interval": (1.3, 1e4)},
-         "guidance-first": {"guidance_interval": (0.0, 100.0)}}
+         "guidance-first": {"guidance_interval": FIRST_STEP_UNGUIDED}}
 DEFAULT_CONFIGS = ["int8", "cache-fast", "int8+cache-fast", "guidance-late", "guidance-first",
                    "int8+guidance-first+cache-fast", "int8-steps:0-9", "int8-steps:10-19",
                    "fake:all=s8/63", "fake:all=s8/127",

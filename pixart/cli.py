@@ -228,8 +228,8 @@ def _cache_option(value: str) -> float | str:
     return cache
 
 
-def _sampler_option(value: str) -> tuple[str, bool | None]:
-    """--sampler: (the sampler's class name, Karras noise levels or None)."""
+def _sampler_option(value: str) -> tuple[str, bool]:
+    """--sampler: (the sampler's class name, Karras noise levels)."""
     try:
         return sampler_by_name(value)
     except ValueError as e:

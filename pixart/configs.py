@@ -279,14 +279,14 @@ class SchedulerConfig(JsonConfig):
 
 
 class ConfigDict(dict):
-    """A config dict whose keys also read as attributes (`pipe.scheduler.config.num_train_timesteps`), as
-    diffusers' FrozenDict; a copy: changing it leaves the scheduler as it was."""
+    """A dict whose keys also read as attributes (`pipe.scheduler.config.num_train_timesteps`), as diffusers'
+    FrozenDict and transformers' BatchEncoding; a copy: changing it changes nothing else."""
 
     def __getattr__(self, name: str) -> Any:
         try:
             return self[name]
         except KeyError:
-            raise AttributeError(f"the config has no key {name!r}") from None
+            raise AttributeError(f"no key {name!r}") from None
 
 
 # The SchedulerConfig fields each diffusers class takes besides COMMON_FIELDS (tests/test_samplers.py checks them

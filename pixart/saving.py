@@ -66,7 +66,7 @@ def check_folder(folder: str | os.PathLike) -> Path:
     if not str(folder).strip():
         raise ValueError("save_pretrained needs a folder to write to, got an empty path")
     folder = Path(folder)
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         where = "is" if existing == folder else f"is under {existing}, which is"
         raise FileExistsError(f"{folder} {where} a file: save_pretrained writes a folder, choose another path")
@@ -85,6 +85,11 @@ def pipeline_index(pipe: Any) -> dict[str, Any]:
     entries = {name: tuple(index_entry(pipe, name, pipe._loaded.get(name))) if is_available(pipe, name)
                else (None, None) for name in LIBRARIES}
     return {**entries, "scheduler": ("diffusers", pipe.scheduler.class_name), "_name_or_path": pipe.name_or_path}
+
+
+def nearest_existing(folder: Path) -> Path:
+    """The folder, or its nearest ancestor that exists (what a save would create folders under)."""
+    return next(p for p in (folder, *folder.parents) if p.exists())
 
 
 def index_entry(pipe: Any, name: str, module: Any) -> list[str]:
@@ -119,8 +124,7 @@ def check_space(pipe: Any, folder: Path, present: list[str]) -> None:
     old = [sum(f.stat().st_size for f in (folder / name).glob("*.safetensors")) for name in present
            if (folder / name).is_dir()]
     need = sum(new) - sum(old) + (max(new) if old and new else 0)
-    parent = next(p for p in (folder, *folder.parents) if p.exists())
-    free = shutil.disk_usage(parent).free
+    free = shutil.disk_usage(nearest_existing(folder)).free
     if need > free:
         raise OSError(f"not enough disk space to save the pipeline in {folder}: it needs {need / 1e9:.2f} GB, "
                       f"{free / 1e9:.2f} GB are free: free some space or choose another disk; nothing was written")

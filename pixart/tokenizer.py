@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .configs import ConfigDict
 from .weights.hub import resolve
 
 logger = logging.getLogger("pixart")
@@ -27,14 +28,8 @@ _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
             (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
-class Encoding(dict):
+class Encoding(ConfigDict):
     """`input_ids` and `attention_mask`, by key or by attribute (as transformers' BatchEncoding)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 def _read_json(path: Path) -> dict:

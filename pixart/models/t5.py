@@ -14,8 +14,7 @@ from torch import nn
 from ..configs import T5Config
 from ..quant import QuantSpec, check_stored, quant_spec, quantize_lazily, quantize_linears, read_spec, write_spec
 from ..weights.files import Lazy, WeightsError
-from ..weights.hub import hub_options, resolve
-from ..weights.loading import PretrainedModel, dtype_keyword, load_into
+from ..weights.loading import PretrainedModel, load_into
 
 ACTIVATIONS = {
     "gelu_new": partial(F.gelu, approximate="tanh"),
@@ -169,8 +168,7 @@ class T5EncoderModel(PretrainedModel):
         Every linear layer of the blocks is quantized (weight-only); the embedding, the norms and the relative
         position bias stay in torch_dtype. Float weights are read, quantized and dropped one at a time, so the
         float model is never whole in memory."""
-        torch_dtype = dtype_keyword(torch_dtype, kwargs)
-        folder = resolve(path_or_id, subfolder, **hub_options(kwargs))
+        folder, torch_dtype = cls.locate(path_or_id, subfolder, torch_dtype, kwargs)
         config_overrides = kwargs
         saved, wanted = read_spec(folder / "config.json"), quant_spec(quantization)
         if saved is None and wanted is None:

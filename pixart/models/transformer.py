@@ -15,9 +15,8 @@ from ..configs import PRESETS, TransformerConfig
 from ..quant import quantize_lazily, quantize_linears
 from ..quant_dynamic import DynamicSpec, dynamic_spec
 from ..weights.files import Lazy, WeightsError, lazy_tensors
-from ..weights.hub import hub_options, resolve
 from ..weights.keymaps import PIXART_ORIGINAL, apply_key_map
-from ..weights.loading import PretrainedModel, dtype_keyword, load_into
+from ..weights.loading import PretrainedModel, load_into
 from .layers import attention, gelu_tanh, modulate, sincos_pos_embed_2d, timestep_embedding
 
 # diffusers adds -10000 (not -inf) to the scores of padded caption tokens: matching it keeps parity,
@@ -321,8 +320,7 @@ class PixArtTransformer2DModel(PretrainedModel):
         per output channel, activations per token at each call (see pixart.quant.DynamicLinear)."""
         if quantization is None:
             return super().from_pretrained(path_or_id, subfolder, torch_dtype, device, variant, **kwargs)
-        torch_dtype = dtype_keyword(torch_dtype, kwargs)
-        folder = resolve(path_or_id, subfolder, **hub_options(kwargs))
+        folder, torch_dtype = cls.locate(path_or_id, subfolder, torch_dtype, kwargs)
         folder, config, tensors = cls.read_folder(folder, variant, kwargs)
         return cls.from_state(config, tensors, str(folder), torch_dtype, device, quantization)
 
