@@ -5,7 +5,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
-import json
 import logging
 from pathlib import Path
 from typing import Any, Iterator
@@ -13,7 +12,7 @@ from typing import Any, Iterator
 import torch
 
 from .compile import compile_model
-from .configs import SchedulerConfig, TransformerConfig, VAEConfig
+from .configs import SchedulerConfig, TransformerConfig, VAEConfig, read_json
 from .models.vae import AutoencoderKL
 from .samplers import SAMPLERS
 from .weights.files import lazy_tensors, weight_files
@@ -138,7 +137,7 @@ def component_folders(folder: Path, wanted: list[str]) -> dict[str, Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
     index = folder / "model_index.json"
-    names = json.loads(index.read_text()) if index.is_file() else {}
+    names = read_json(index, {})
     if not names and not any((folder / c).is_dir() for c in COMPONENTS):
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json, no component "
                                 "subfolders); for a single transformer file use PixArtTransformer2DModel.from_single_file")

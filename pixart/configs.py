@@ -22,6 +22,26 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def read_json(path: str | Path, missing: Any = None) -> Any:
+    """A JSON object file's contents, `missing` when there is no such file. A file that is not a JSON object is a
+    ValueError naming it and the fix (a half-downloaded or hand-edited config), never a bare JSONDecodeError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return missing
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise ValueError(f"{path} is not a JSON text file ({e}): re-download or fix it") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): re-download or fix the file") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a JSON {type(d).__name__}, not the object (mapping) it should: re-download or "
+                         "fix the file")
+    return d
+
+
 class JsonConfig:
     """Mixin: build a frozen dataclass from a config dict, ignoring the keys it does not know."""
 
@@ -33,13 +53,9 @@ class JsonConfig:
 
     @classmethod
     def from_json(cls: type[C], path: str | Path) -> C:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file {path} is missing: a model folder needs its config.json") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config file {path} is not valid JSON ({e}): re-download or fix the file") from None
+        d = read_json(path)
+        if d is None:
+            raise FileNotFoundError(f"config file {path} is missing: a model folder needs its config.json")
         return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .components import is_available
+from .configs import read_json
 from .models.transformer import PixArtTransformer2DModel
 from .quant import QUANTIZED
 from .weights.files import lazy_tensors
@@ -217,8 +218,7 @@ def lora_config(path: Path) -> dict:
             entry = (f.metadata() or {}).get(METADATA_KEY)
         if entry:
             return {k.removeprefix("transformer."): v for k, v in json.loads(entry).items()}
-    config = path.parent / "adapter_config.json"
-    return json.loads(config.read_text()) if config.is_file() else {}
+    return read_json(path.parent / "adapter_config.json", {})
 
 
 def _alpha(module: str, rank: int, config: dict) -> float:

@@ -10,7 +10,6 @@ Dynamic (the transformer): in quant_dynamic.py; this module's loading helpers se
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configs import write_json
+from .configs import read_json, write_json
 from .quant_dynamic import DynamicLinear, DynamicSpec, per_channel
 from .weights.files import Lazy, WeightsError
 
@@ -71,7 +70,7 @@ def quant_spec(quantization: str | QuantSpec | None) -> QuantSpec | None:
 
 def read_spec(config_path: Path) -> QuantSpec | None:
     """The quantization recorded in a model's config.json, None for a float model."""
-    entry = json.loads(config_path.read_text()).get("quantization") if config_path.is_file() else None
+    entry = read_json(config_path, {}).get("quantization")
     if entry is None:
         return None
     try:
@@ -85,7 +84,7 @@ def read_spec(config_path: Path) -> QuantSpec | None:
 
 def write_spec(config_path: Path, spec: QuantSpec) -> None:
     """Add the `quantization` entry to a saved config.json."""
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
     write_json(config_path, {**config, "quantization": spec.to_dict()})
 
 

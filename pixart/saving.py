@@ -6,7 +6,6 @@ fail (an unfused LoRA, a quantized transformer, the free disk space) run before 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .components import COMPONENTS, MODELS, is_available, release, weights_bytes
-from .configs import write_json
+from .configs import read_json, write_json
 
 logger = logging.getLogger("pixart")
 
@@ -107,8 +106,7 @@ def index_entry(pipe: Any, name: str, module: Any) -> list[str]:
 
 
 def read_index(folder: Path) -> dict[str, Any]:
-    index = folder / "model_index.json"
-    return json.loads(index.read_text()) if index.is_file() else {}
+    return read_json(folder / "model_index.json", {})
 
 
 def absent_components(folder: Path) -> set[str]:

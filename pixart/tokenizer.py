@@ -14,7 +14,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .configs import ConfigDict
+from .configs import ConfigDict, read_json
+from .weights.files import WeightsError
 from .weights.hub import resolve
 
 logger = logging.getLogger("pixart")
@@ -30,10 +31,6 @@ _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
 
 class Encoding(ConfigDict):
     """`input_ids` and `attention_mask`, by key or by attribute (as transformers' BatchEncoding)."""
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _token_name(value: Any, default: str) -> str:
@@ -65,8 +62,8 @@ class T5Tokenizer:
                         use_fast: bool = False, **hub_kwargs: Any) -> "T5Tokenizer":
         """Read `spiece.model` with sentencepiece, else (or when use_fast) `tokenizer.json` with tokenizers."""
         folder = resolve(path_or_id, subfolder, **hub_kwargs)
-        config = _read_json(folder / "tokenizer_config.json")
-        special_map = _read_json(folder / "special_tokens_map.json")
+        config = read_json(folder / "tokenizer_config.json", {})
+        special_map = read_json(folder / "special_tokens_map.json", {})
         names = {k: _token_name(special_map.get(f"{k}_token", config.get(f"{k}_token")), d)
                  for k, d in (("pad", "<pad>"), ("eos", "</s>"), ("unk", "<unk>"))}
         options = dict(model_max_length=int(config.get("model_max_length", int(1e30))),
@@ -75,12 +72,17 @@ class T5Tokenizer:
         if tokenizer_json.is_file() and (use_fast or not spiece.is_file()):
             from tokenizers import Tokenizer
 
-            tok = Tokenizer.from_file(str(tokenizer_json))
+            try:
+                tok = Tokenizer.from_file(str(tokenizer_json))
+                added = json.loads(tokenizer_json.read_text(encoding="utf-8"))["added_tokens"]
+                special = {t["content"]: t["id"] for t in added if t["special"]}
+            except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+                raise WeightsError(f"{tokenizer_json} is corrupted ({str(e)[:200]}): download the tokenizer "
+                                   "again") from None
             tok.no_truncation()  # we truncate and pad ourselves
             tok.no_padding()
-            added = json.loads(tokenizer_json.read_text())["added_tokens"]
-            special = {t["content"]: t["id"] for t in added if t["special"]}
             special.update({n: tok.token_to_id(n) for n in names.values() if tok.token_to_id(n) is not None})
+
             def encode(text: str) -> list[int]:
                 return tok.encode(text, add_special_tokens=False).ids
 
@@ -88,7 +90,11 @@ class T5Tokenizer:
         elif spiece.is_file():
             import sentencepiece
 
-            sp = sentencepiece.SentencePieceProcessor(model_file=str(spiece))
+            try:
+                sp = sentencepiece.SentencePieceProcessor(model_file=str(spiece))
+            except (RuntimeError, OSError) as e:
+                raise WeightsError(f"{spiece} is not a sentencepiece model ({e}): download the tokenizer "
+                                   "again") from None
             special = _spiece_special_tokens(folder, config, special_map, sp, names)
             tokenizer = cls(sp.encode, sp.id_to_piece, special, names, **options)
         else:
@@ -187,7 +193,7 @@ def _spiece_special_tokens(folder: Path, config: dict, special_map: dict, sp: An
         raise ValueError(f"special tokens {missing} are not in {folder / 'spiece.model'}")
     decoder = config.get("added_tokens_decoder", {})
     special.update({t["content"]: int(i) for i, t in decoder.items() if t.get("special", True)})
-    added = _read_json(folder / "added_tokens.json")
+    added = read_json(folder / "added_tokens.json", {})
     special.update(added)
     extra = (special_map.get("additional_special_tokens") or config.get("additional_special_tokens")
              or config.get("extra_special_tokens") or [])

@@ -200,3 +200,34 @@ def test_models_take_diffusers_loading_keywords_and_name_unknown_ones(pipeline_d
     with pytest.raises(TypeError, match="unexpected keyword arguments: sampel_size \\(neither a loading option nor a "
                                         "field of TransformerConfig\\)"):
         pixart.PixArtTransformer2DModel.from_pretrained(pipeline_dir_512, subfolder="transformer", sampel_size=64)
+
+
+@pytest.mark.parametrize("path, content, message", [
+    ("text_encoder/config.json", b"{not json", r"text_encoder/config\.json is not valid JSON .*re-download or fix"),
+    ("transformer/config.json", b"\xb8\x00\x91", r"transformer/config\.json is not a JSON text file"),
+    ("model_index.json", b"[]", r"model_index\.json holds a JSON list, not the object"),
+    ("tokenizer/tokenizer_config.json", b"[1]", r"tokenizer_config\.json holds a JSON list"),
+    ("tokenizer/spiece.model", b"\x00garbage" * 50, r"spiece\.model is not a sentencepiece model .*download the "
+                                                    r"tokenizer again"),
+])
+def test_a_corrupted_config_or_tokenizer_file_is_named_with_the_fix(pipeline_dir_512, tmp_path, path, content,
+                                                                    message):
+    import pixart
+
+    broken = copy_folder(pipeline_dir_512, tmp_path)
+    (broken / path).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        pixart.PixArtAlphaPipeline.from_pretrained(broken)
+
+
+def test_a_corrupted_tokenizer_json_is_named_with_the_fix(pipeline_dir_512, tmp_path):
+    from transformers import T5TokenizerFast
+
+    from pixart.tokenizer import T5Tokenizer
+
+    folder = tmp_path / "tokenizer"
+    T5TokenizerFast.from_pretrained(pipeline_dir_512 / "tokenizer").save_pretrained(folder)
+    assert T5Tokenizer.from_pretrained(folder, use_fast=True)("a red circle").input_ids  # it loads when intact
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(WeightsError, match=r"tokenizer\.json is corrupted .*download the tokenizer again"):
+        T5Tokenizer.from_pretrained(folder, use_fast=True)
