@@ -10,6 +10,10 @@ from .components import Held, is_available, module_device, module_dtype
 from .inputs import per_image
 from .tokenizer import preprocess_prompt, warn_truncated
 
+# the longest prompt padding accepted: 34× PixArt-α's 120 (PixArt-Σ's 300 with room to spare); T5-XXL's attention
+# scores at this length are 4 GB per layer in fp32
+MAX_SEQUENCE_LENGTH = 4096
+
 
 class PromptEncoding:
     """The pipeline's prompt encoding: `encode_prompt` as diffusers', the text encoder loaded once per call (staged
@@ -81,8 +85,10 @@ class PromptEncoding:
                     f"this pipeline has no {name} (it was loaded with {name}=None), so it cannot encode text: "
                     "pass prompt_embeds / negative_prompt_embeds with their masks, or load the pipeline with a text encoder"
                 )
-        if not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_sequence_length must be a positive integer, got {max_length!r}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"max_sequence_length must be a whole number of tokens from 1 to {MAX_SEQUENCE_LENGTH} "
+                             f"(PixArt-α was trained with 120), got {max_length!r}: every prompt is padded to it, "
+                             "and T5's attention grows with its square")
         texts = [preprocess_prompt(t, clean_caption) for t in texts]
         if truncation_warning:
             warn_truncated(self.tokenizer, texts, max_length)

@@ -306,7 +306,7 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
         if cuda_graphs and reuse is not None:
             raise ValueError("cuda_graphs=True does not combine with cache=: the cache decides each step on the host "
                              "from the previous one; choose one of them")
-        num_images_per_prompt = num_images_per_prompt or 1
+        num_images_per_prompt = 1 if num_images_per_prompt is None else num_images_per_prompt
         output_type = output_type or "pil"
         check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, output_type, callback_steps,
                     num_images_per_prompt, callback_on_step_end_tensor_inputs, guidance_scale)

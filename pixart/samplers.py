@@ -257,15 +257,15 @@ def _custom_timesteps(config: SchedulerConfig, timesteps: Sequence[int]) -> torc
         raise ValueError("DDIMScheduler does not support custom timesteps: pass num_inference_steps")
     if config.use_karras_sigmas:
         raise ValueError(f"{name} cannot use custom timesteps with use_karras_sigmas = True")
-    if name == "EulerDiscreteScheduler":
-        return torch.tensor([float(t) for t in timesteps], dtype=torch.float32)
-    t = torch.tensor([int(t) for t in timesteps], dtype=torch.int64)
-    if name == "LCMScheduler":
-        if len(t) and t[0] >= config.num_train_timesteps:
-            raise ValueError(f"LCMScheduler: timesteps must start below num_train_timesteps "
-                             f"{config.num_train_timesteps}, got {int(t[0])}")
-        if (t[1:] >= t[:-1]).any():
-            raise ValueError("LCMScheduler: custom timesteps must be in descending order")
+    try:
+        t = torch.tensor([float(v) if name == "EulerDiscreteScheduler" else int(v) for v in timesteps])
+    except (TypeError, ValueError):
+        raise ValueError(f"timesteps must be numbers, got {list(timesteps)!r}") from None
+    last = config.num_train_timesteps - 1
+    if (t < 0).any() or (t > last).any() or (t[1:] >= t[:-1]).any():
+        shown = t.tolist() if len(t) <= 8 else t[:8].tolist() + ["..."]
+        raise ValueError(f"timesteps must be strictly decreasing whole numbers from at most {last} (the noisiest) "
+                         f"down to at least 0, got {shown}")
     return t
 
 

@@ -179,6 +179,19 @@ def test_guidance_scale_that_is_not_a_finite_number_names_the_fix(pipes_512, sca
         ours("artistic", guidance_scale=scale, num_inference_steps=1, output_type="latent")
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_images_per_prompt": 0}, "num_images_per_prompt must be a positive integer, got 0"),
+    ({"max_sequence_length": 100_000}, r"max_sequence_length must be a whole number of tokens from 1 to 4096"),
+    ({"max_sequence_length": 0}, r"max_sequence_length must be a whole number of tokens from 1 to 4096"),
+    ({"num_inference_steps": None, "timesteps": [500, 999]}, "timesteps must be strictly decreasing"),
+])
+def test_out_of_range_call_arguments_are_named_before_any_work(pipes_512, kwargs, message):
+    ours, _ = pipes_512
+    # 100k tokens of padding would first try to allocate T5 attention scores of 80 GB
+    with pytest.raises(ValueError, match=message):
+        ours("artistic", **{"num_inference_steps": 1, "output_type": "latent", **kwargs})
+
+
 def test_latents_are_cast_to_the_vae_dtype_before_decoding(pipeline_dir_512):
     pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
     pipe.vae.to(torch.bfloat16)

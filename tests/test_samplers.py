@@ -282,8 +282,15 @@ def test_lcm_rejects_more_steps_than_its_original_schedule_and_unordered_timeste
     config = SchedulerConfig.from_dict(dict(PIXART_LCM, _class_name="LCMScheduler"))
     with pytest.raises(ValueError, match="original_inference_steps"):
         make_timesteps(config, 51)
-    with pytest.raises(ValueError, match="descending"):
+    with pytest.raises(ValueError, match="strictly decreasing"):
         make_timesteps(config, timesteps=[999, 999, 500])
+
+
+@pytest.mark.parametrize("timesteps", [[10, 500, 900], [5000, 10], [999, -1], [999.7, 999.2]])
+def test_custom_timesteps_out_of_range_or_not_decreasing_are_named(timesteps):
+    with pytest.raises(ValueError, match=r"strictly decreasing whole numbers from at most 999 .*got \["):
+        make_timesteps(SchedulerConfig(), timesteps=timesteps)
+    assert make_timesteps(SchedulerConfig(), timesteps=[999, 500, 0]).tolist() == [999, 500, 0]
 
 
 def test_unknown_scheduler_is_an_error_listing_the_supported_ones():
