@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .stepping import SchedulerSteps
+
 C = TypeVar("C", bound="JsonConfig")
 
 
@@ -199,8 +201,9 @@ class VAEConfig(JsonConfig):
 
 
 @dataclass(frozen=True)
-class SchedulerConfig(JsonConfig):
-    """Union of the fields of the diffusers schedulers we implement; `class_name` picks the sampler."""
+class SchedulerConfig(JsonConfig, SchedulerSteps):
+    """Union of the fields of the diffusers schedulers we implement; `class_name` picks the sampler. It also drives a
+    sampling run as a diffusers scheduler object does (`set_timesteps`, `step`: pixart.stepping)."""
 
     # diffusers' own defaults where a class differs from DPM-Solver's, for keys a config.json leaves out
     class_defaults = {

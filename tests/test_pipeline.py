@@ -275,3 +275,38 @@ def test_per_component_dtypes_as_in_diffusers(pipeline_dir_512):
         pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, torch_dtype={"unet": torch.float16})
     with pytest.raises(TypeError, match="torch_dtype must be a torch.dtype or a dict of them"):
         pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, torch_dtype="bf16")
+
+
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler"])
+def test_a_hand_written_loop_over_pipe_scheduler_gives_the_pipelines_latents(pipes_512, scheduler):
+    """diffusers users' own denoising loop (set_timesteps, scale_model_input, step) on pipe.scheduler and
+    pipe.transformer: the same latents as pipe(...), the scheduler's state apart from the pipeline's."""
+    ours, _ = pipes_512
+    original = ours.scheduler
+    ours.scheduler = getattr(pixart, scheduler).from_config(original.config)
+    try:
+        embeds, mask, negative, negative_mask = ours.encode_prompt("artistic")
+        noise = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+        expected = ours(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=negative,
+                        negative_prompt_attention_mask=negative_mask, latents=noise, num_inference_steps=4,
+                        output_type="latent").images
+        sched = ours.scheduler
+        sched.set_timesteps(4)
+        latents = noise * sched.init_noise_sigma
+        # the pipeline drops the captions' common trailing padding (masked out either way); so do we here, else
+        # the rounding of a longer softmax, amplified by σ_max / α at the first step, differs by up to 4e-4
+        n = int(torch.cat([negative_mask, mask]).sum(-1).max())
+        with torch.no_grad():
+            for t in sched.timesteps:
+                x_in = sched.scale_model_input(torch.cat([latents] * 2), t)
+                out = ours.transformer(x_in, encoder_hidden_states=torch.cat([negative, embeds])[:, :n],
+                                       encoder_attention_mask=torch.cat([negative_mask, mask])[:, :n],
+                                       timestep=t.expand(2),
+                                       added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                                       return_dict=False)[0]
+                uncond, cond = out.chunk(2)
+                eps = (uncond + 4.5 * (cond - uncond)).chunk(2, dim=1)[0]
+                latents = sched.step(eps, t, latents).prev_sample
+    finally:
+        ours.scheduler = original
+    assert torch.equal(latents, expected)

@@ -83,7 +83,7 @@ def diffusers_loop(scheduler, steps, x, *, timesteps=None, seeds=None, eta=0.0, 
     else:
         scheduler.set_timesteps(timesteps=timesteps)
     scheduler.set_begin_index(0) if hasattr(scheduler, "set_begin_index") else None
-    kwargs = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    kwargs = {"eta": eta} if eta else {}  # DDIM's; the others take no eta
     if seeds is not None:
         kwargs["generator"] = _generators(seeds)
     latents, seen, per_step = x * scheduler.init_noise_sigma, [], []
@@ -342,3 +342,70 @@ def test_saved_config_is_the_one_diffusers_writes_for_the_keys_we_know(cls, tmp_
     theirs = json.loads((tmp_path / "d" / "scheduler_config.json").read_text())
     known = {f.name for f in dataclasses.fields(SchedulerConfig)}
     assert {k: v for k, v in theirs.items() if k in known} == {k: v for k, v in written.items() if k != "_class_name"}
+
+
+# diffusers' stateful interface on our config: the loop above, written for a diffusers scheduler, run on both
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_diffusers_style_loop_on_our_config_steps_as_diffusers(cls, dtype, tmp_path):
+    scheduler = _pixart_scheduler(cls)
+    config = _config(scheduler, tmp_path)
+    seeds = [4] if cls is LCMScheduler else None
+    for steps in (1, 4, 20) if cls is not LCMScheduler else (1, 4, 8):
+        ours = diffusers_loop(config, steps, _noise(batch=2, dtype=dtype), seeds=seeds)
+        assert_same_run(ours, diffusers_loop(scheduler, steps, _noise(batch=2, dtype=dtype), seeds=seeds), atol=0.0)
+        assert config.num_inference_steps == steps and config.step_index == steps
+        assert torch.equal(config.timesteps, scheduler.timesteps)
+    assert torch.equal(torch.as_tensor(config.init_noise_sigma), torch.as_tensor(scheduler.init_noise_sigma))
+
+
+@pytest.mark.parametrize("cls,changes", [v for v in VARIANTS if v[0] is not LCMScheduler][::2],
+                         ids=lambda v: getattr(v, "__name__", None) or str(v))
+def test_a_diffusers_style_loop_steps_as_diffusers_with_other_options(cls, changes, tmp_path):
+    scheduler = _variant(cls, changes)
+    config = _config(scheduler, tmp_path)
+    t_atol = 1e-4 if cls is EulerDiscreteScheduler and changes.get("use_karras_sigmas") else 0.0
+    assert_same_run(diffusers_loop(config, 6, _noise()), diffusers_loop(scheduler, 6, _noise()), t_atol=t_atol)
+
+
+def test_ddim_step_takes_eta_with_a_generator_as_diffusers(tmp_path):
+    scheduler = _pixart_scheduler(DDIMScheduler)
+    config = _config(scheduler, tmp_path)
+    assert_same_run(diffusers_loop(config, 5, _noise(), eta=0.7, seeds=[1]),
+                    diffusers_loop(scheduler, 5, _noise(), eta=0.7, seeds=[1]))
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_add_noise_equals_diffusers(cls, tmp_path):
+    scheduler = _pixart_scheduler(cls)
+    config = _config(scheduler, tmp_path)
+    scheduler.set_timesteps(10)
+    config.set_timesteps(10)
+    x0, noise = _noise(batch=3), torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = scheduler.timesteps[[0, 4, 9]]
+    # float32 sqrt and products in another order than diffusers' (through σ for DPM-Solver and Euler): rounding only
+    torch.testing.assert_close(config.add_noise(x0, noise, t), scheduler.add_noise(x0, noise, t), atol=2e-6, rtol=1e-5)
+
+
+def test_stepping_mistakes_are_named(tmp_path):
+    config = _config(_pixart_scheduler(DPMSolverMultistepScheduler), tmp_path)
+    x = _noise()
+    assert config.timesteps.tolist() == list(range(999, -1, -1)) and config.order == 2  # as diffusers before a run
+    with pytest.raises(RuntimeError, match=r"call DPMSolverMultistepScheduler.set_timesteps\(num_inference_steps\)"):
+        config.step(x, 999, x)
+    config.set_timesteps(2)
+    with pytest.raises(ValueError, match="timestep 998 is not one of this run's timesteps"):
+        config.step(x, 998, x)
+    with pytest.raises(ValueError, match=r"shape \(1, 8, 8, 8\) but sample \(1, 4, 8, 8\).*chunk\(2, dim=1\)\[0\]"):
+        config.step(torch.cat([x, x], 1), 999, x)
+    with pytest.raises(ValueError, match="only the default s_churn=0.0"):
+        config.step(x, 999, x, s_churn=1.0)
+    with pytest.raises(TypeError, match="unexpected keyword arguments churn"):
+        config.step(x, 999, x, churn=1.0)
+    for t in config.timesteps:
+        x = config.step(fake_model(x, t), t, x).prev_sample
+    with pytest.raises(RuntimeError, match="all 2 steps of this run are done: call set_timesteps again"):
+        config.step(x, 0, x)
+    config.set_timesteps(2)  # a new run starts over
+    assert config.step_index is None and config == _config(_pixart_scheduler(DPMSolverMultistepScheduler), tmp_path)
