@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from pixart.configs import TransformerConfig
-from pixart.models.transformer import PixArtTransformer2DModel
+from pixart.models.transformer import PixArtTransformer2DModel, TransformerOutput
 from pixart.weights.files import WeightsError, lazy_tensors
 from pixart.weights.keymaps import PIXART_ORIGINAL, apply_key_map
 
@@ -145,6 +145,21 @@ def test_diffusers_style_call_gives_the_same_prediction(saved):
         torch.testing.assert_close(out.sample, got, rtol=0, atol=0)
         with pytest.raises(ValueError, match="set_adapters"):
             model(x, encoder_hidden_states=y, timestep=t, added_cond_kwargs=conds, cross_attention_kwargs={"scale": 2})
+        # without any diffusers-only keyword (added_cond_kwargs is optional there), and with diffusers' positional
+        # order (latents, captions, timestep): still diffusers' (sample,) output, never a bare tensor whose [0] is
+        # the first image
+        if not model.config.micro_conditions:  # (a micro-conditioned model needs added_cond_kwargs, as in diffusers)
+            for out in (model(x, encoder_hidden_states=y, encoder_attention_mask=mask, timestep=t),
+                        model(x, y, t, None, None, None, mask)):
+                assert isinstance(out, TransformerOutput)
+                torch.testing.assert_close(out.sample, model(x, t, y, mask), rtol=0, atol=0)  # pixart's own call
+        out = model(x, y, t, conds, None, None, mask)
+        assert isinstance(out, TransformerOutput)
+        torch.testing.assert_close(out.sample, model(x, t, y, mask, res, ar), rtol=0, atol=0)
+        with pytest.raises(TypeError, match="unexpected keyword arguments encoder_mask"):
+            model(x, encoder_hidden_states=y, timestep=t, encoder_mask=mask)
+        with pytest.raises(TypeError, match="needs timestep"):
+            model(x, encoder_hidden_states=y)
 
 
 def test_from_config_builds_the_model_diffusers_builds_from_that_config(saved):

@@ -155,6 +155,11 @@ class Context(NamedTuple):
     y_bias: torch.Tensor | None  # (B, 1, 1, L) attention bias of the caption's padding
 
 
+# keywords only diffusers' call takes: with any of them, a call is diffusers' whatever its positional arguments
+DIFFUSERS_ONLY = frozenset({"hidden_states", "added_cond_kwargs", "cross_attention_kwargs", "attention_mask",
+                            "return_dict"})
+
+
 class TransformerOutput(NamedTuple):
     """diffusers' Transformer2DModelOutput: `out.sample`, or `out[0]` as its return_dict=False tuple."""
 
@@ -211,44 +216,51 @@ class PixArtTransformer2DModel(PretrainedModel):
             self.pos_cache[key] = pe[None].to(device)
         return self.pos_cache[key]
 
-    def forward(
-        self,
-        x: torch.Tensor | None = None,
-        timestep: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        resolution: torch.Tensor | None = None,
-        aspect_ratio: torch.Tensor | None = None,
-        **diffusers_style: Any,
-    ) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> "torch.Tensor | TransformerOutput":
+        """Two calls. pixart's, `model(x, timestep, encoder_hidden_states, encoder_attention_mask=None,
+        resolution=None, aspect_ratio=None)` → the (B, out_channels, H, W) tensor (see `predict`); it is the one
+        whose second positional argument is the (B,) or 0-dim timestep. Every other call is diffusers' (see
+        `diffusers_call`): `model(hidden_states, encoder_hidden_states=..., timestep=..., ...)` → `(sample,)`."""
+        second = args[1] if len(args) > 1 else None
+        if isinstance(second, torch.Tensor) and second.dim() <= 1 and not DIFFUSERS_ONLY & kwargs.keys():
+            return self.predict(*args, **kwargs)
+        return self.diffusers_call(*args, **kwargs)
+
+    def predict(self, x: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_attention_mask: torch.Tensor | None = None, resolution: torch.Tensor | None = None,
+                aspect_ratio: torch.Tensor | None = None) -> torch.Tensor:
         """Predict (B, out_channels, H, W) from latents (B, C, H, W), steps (B,) and captions (B, L, caption_channels).
 
         encoder_attention_mask (B, L) is 1 for real caption tokens and 0 for padding; resolution (B, 2) is the
         generated [height, width] in pixels and aspect_ratio (B, 1) height / width, used only by micro-conditioned
-        models (1024-MS). diffusers' call works too (see `diffusers_call`).
-        """
-        if diffusers_style:
-            return self.diffusers_call(x, timestep, encoder_hidden_states, encoder_attention_mask, **diffusers_style)
+        models (1024-MS)."""
         tokens, ctx = self.embed(x, timestep, encoder_hidden_states, encoder_attention_mask, resolution, aspect_ratio)
         return self.final(self.run_blocks(tokens, ctx), ctx, *x.shape[-2:])
 
-    def diffusers_call(self, x: torch.Tensor | None, timestep: torch.Tensor | None, encoder_hidden_states: Any,
-                       encoder_attention_mask: Any, hidden_states: torch.Tensor | None = None,
-                       added_cond_kwargs: dict | None = None, cross_attention_kwargs: dict | None = None,
-                       attention_mask: torch.Tensor | None = None, return_dict: bool = True) -> "TransformerOutput":
-        """diffusers' `transformer(hidden_states, encoder_hidden_states=..., timestep=..., added_cond_kwargs={...},
-        return_dict=False)[0]` (or `.sample`): the same prediction, as a (sample,) tuple with a `.sample` field
-        whatever return_dict says."""
+    def diffusers_call(self, hidden_states: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
+                       timestep: torch.Tensor | None = None, added_cond_kwargs: dict | None = None,
+                       cross_attention_kwargs: dict | None = None, attention_mask: torch.Tensor | None = None,
+                       encoder_attention_mask: torch.Tensor | None = None, return_dict: bool = True,
+                       **unknown: Any) -> "TransformerOutput":
+        """diffusers' call, its arguments in its order: `transformer(hidden_states, encoder_hidden_states=...,
+        timestep=..., added_cond_kwargs={...}, return_dict=False)[0]` (or `.sample`): the same prediction, as a
+        (sample,) tuple with a `.sample` field whatever return_dict says."""
+        if unknown:
+            raise TypeError(f"PixArtTransformer2DModel got unexpected keyword arguments {', '.join(sorted(unknown))} "
+                            "(diffusers' call: hidden_states, encoder_hidden_states, timestep, added_cond_kwargs, "
+                            "encoder_attention_mask, return_dict)")
         if attention_mask is not None:
             raise ValueError("attention_mask (a mask over the image tokens) is not supported: pass None")
         if cross_attention_kwargs:
             raise ValueError("cross_attention_kwargs is not supported: a LoRA's strength is set with the pipeline's "
                              "set_adapters(names, weights)")
-        if hidden_states is not None and x is not None:
-            raise TypeError("pass the latents once: as the first argument or as hidden_states")
+        missing = [name for name, value in (("hidden_states", hidden_states), ("encoder_hidden_states",
+                   encoder_hidden_states), ("timestep", timestep)) if value is None]
+        if missing:
+            raise TypeError(f"PixArtTransformer2DModel needs {', '.join(missing)} (diffusers' call: "
+                            "transformer(latents, encoder_hidden_states=..., timestep=...))")
         conds = added_cond_kwargs or {}
-        return TransformerOutput(self.forward(x if hidden_states is None else hidden_states, timestep,
-                                              encoder_hidden_states, encoder_attention_mask,
+        return TransformerOutput(self.predict(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
                                               conds.get("resolution"), conds.get("aspect_ratio")))
 
     def embed(
