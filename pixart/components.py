@@ -13,6 +13,7 @@ import torch
 
 from .compile import compile_model
 from .configs import SchedulerConfig, TransformerConfig, VAEConfig, read_json
+from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
 from .samplers import SAMPLERS
 from .weights.files import lazy_tensors, weight_files
@@ -48,13 +49,29 @@ class Component:
         return module
 
     def __set__(self, pipe: Any, value: Any) -> None:
-        pipe._loaded[self.name] = value
+        pipe._loaded[self.name] = adopt(self.name, value)
         pipe._loaders.pop(self.name, None)  # the user's object replaces what we would load
         if self.name in ("tokenizer", "text_encoder"):
             pipe._encoder_id = None  # cached embeddings belong to the files we loaded, not to this object
 
     def __delete__(self, pipe: Any) -> None:
         self.__set__(pipe, None)
+
+
+def adopt(name: str, module: Any) -> Any:
+    """A component the user passes, as the pipeline runs it: diffusers' PixArtTransformer2DModel becomes pixart's,
+    sharing its weights (the parameter names are the same: nothing is copied), since the samplers, LoRA, reuse and
+    compile need pixart's; anything else as it is (diffusers' VAE, transformers' T5 and tokenizer run as they are)."""
+    if name != "transformer" or not type(module).__module__.startswith("diffusers."):
+        return module
+    if type(module).__name__ != "PixArtTransformer2DModel":
+        raise TypeError(f"transformer must be a PixArtTransformer2DModel (pixart's or diffusers'), got diffusers' "
+                        f"{type(module).__name__}")
+    with torch.device("meta"):
+        ours = PixArtTransformer2DModel.from_config(dict(module.config))
+    ours.load_state_dict(module.state_dict(), assign=True)
+    logger.info("diffusers' transformer runs as pixart's PixArtTransformer2DModel, on the same weights")
+    return ours.train(module.training)
 
 
 def is_available(pipe: Any, name: str) -> bool:
@@ -363,5 +380,6 @@ class ModelPlacement:
 
     @property
     def components(self) -> dict[str, Any]:
-        """The loaded components (models a staged pipeline has not loaded yet are None)."""
-        return {name: self._loaded.get(name) for name in COMPONENTS[:-1]} | {"scheduler": self.scheduler}
+        """Every component, as diffusers' `pipe.components` (for `OtherPipeline(**pipe.components)`): models a
+        staged pipeline has not loaded are loaded now, and stay loaded; None only where the pipeline has none."""
+        return {name: getattr(self, name) for name in COMPONENTS[:-1]} | {"scheduler": self.scheduler}

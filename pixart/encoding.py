@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .components import Held, is_available, module_device, module_dtype
-from .inputs import per_image
+from .inputs import embeddings_with_mask, per_image, whole_number
 from .tokenizer import preprocess_prompt, warn_truncated
 
 # the longest prompt padding accepted: 34× PixArt-α's 120 (PixArt-Σ's 300 with room to spare); T5-XXL's attention
@@ -57,6 +57,11 @@ class PromptEncoding:
                                                                 text_encoder)
         elif prompt_attention_mask is None:
             raise ValueError("prompt_embeds needs its prompt_attention_mask (the second output of encode_prompt)")
+        transformer = self.model_config("transformer")
+        channels = getattr(transformer, "caption_channels", None)
+        prompt_embeds, prompt_attention_mask = embeddings_with_mask(prompt_embeds, prompt_attention_mask, "prompt",
+                                                                    channels)
+        like = tuple(prompt_embeds.shape[:2])
         dtype = self._embedding_dtype(prompt_embeds)
         n_prompts = prompt_embeds.shape[0]
         prompt_embeds = per_image(prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
@@ -72,6 +77,9 @@ class PromptEncoding:
             )
         elif negative_prompt_attention_mask is None:
             raise ValueError("negative_prompt_embeds needs its negative_prompt_attention_mask")
+        else:
+            negative_prompt_embeds, negative_prompt_attention_mask = embeddings_with_mask(
+                negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt", channels, like)
         negative_prompt_embeds = per_image(negative_prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
         negative_prompt_attention_mask = per_image(negative_prompt_attention_mask.to(device), num_images_per_prompt)
         return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
@@ -85,7 +93,8 @@ class PromptEncoding:
                     f"this pipeline has no {name} (it was loaded with {name}=None), so it cannot encode text: "
                     "pass prompt_embeds / negative_prompt_embeds with their masks, or load the pipeline with a text encoder"
                 )
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= MAX_SEQUENCE_LENGTH:
+        max_length = whole_number(max_length)
+        if max_length is None or not 1 <= max_length <= MAX_SEQUENCE_LENGTH:
             raise ValueError(f"max_sequence_length must be a whole number of tokens from 1 to {MAX_SEQUENCE_LENGTH} "
                              f"(PixArt-α was trained with 120), got {max_length!r}: every prompt is padded to it, "
                              "and T5's attention grows with its square")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 import torch
 
@@ -25,9 +27,9 @@ def check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, o
                              f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if not isinstance(callback_steps, int) or callback_steps <= 0:
+    if (whole_number(callback_steps) or 0) <= 0:
         raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+    if (whole_number(num_images_per_prompt) or 0) < 1:
         raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
     try:
         finite = not isinstance(guidance_scale, (str, bytes)) and math.isfinite(float(guidance_scale))
@@ -41,6 +43,44 @@ def check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, o
         raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not available; choose from latents, "
                          "prompt_embeds, prompt_attention_mask")
 
+
+
+def whole_number(value: Any) -> int | None:
+    """`value` as an int when it is a whole number (an int, a NumPy integer, 128.0; not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def embeddings_with_mask(embeds, mask, name: str, channels: int | None = None,
+                         like: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given (B, L, D) caption embeddings and their (B, L) mask, checked against each other, the transformer's
+    `channels` and (for negative ones) the prompts' (B, L) `like`; a 1-D mask of B·L values is viewed as (B, L),
+    as diffusers does. `name`: "prompt" or "negative_prompt", as the arguments are called."""
+    if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3:
+        got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+        raise ValueError(f"{name}_embeds must be a (batch, tokens, channels) tensor, as encode_prompt returns, "
+                         f"got {got}")
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name}_attention_mask must be a tensor of 1 (token) and 0 (padding), got "
+                         f"{type(mask).__name__}")
+    batch, tokens, width = embeds.shape
+    if mask.dim() == 1 and mask.numel() == batch * tokens:
+        mask = mask.view(batch, tokens)
+    if tuple(mask.shape) != (batch, tokens):
+        raise ValueError(f"{name}_attention_mask has shape {tuple(mask.shape)} but {name}_embeds "
+                         f"{tuple(embeds.shape)}: it needs one 1 (token) or 0 (padding) per token, ({batch}, {tokens})")
+    if channels is not None and width != channels:
+        raise ValueError(f"{name}_embeds have {width} channels but the transformer takes caption_channels={channels} "
+                         "(T5-XXL's 4096 for PixArt-α): encode them with this pipeline's text encoder")
+    if like is not None and (batch, tokens) != like:
+        raise ValueError(f"{name}_embeds {tuple(embeds.shape)} do not pair with the prompts' ({like[0]}, {like[1]}, "
+                         f"{width}): pass one row per prompt, with as many tokens")
+    return embeds, mask
 
 
 def per_image(t: torch.Tensor, n: int) -> torch.Tensor:

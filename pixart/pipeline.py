@@ -14,16 +14,16 @@ from tqdm.auto import tqdm
 
 from .bins import classify_height_width_bin, model_bin_table
 from .compile import is_compiled
-from .components import (MODELS, Component, ModelPlacement, choose_memory, component_dtypes, component_folders,
-                         device_from, is_available, load_scheduler, load_vae, module_device, module_dtype, read_config,
-                         running)
+from .components import (COMPONENTS, MODELS, Component, ModelPlacement, adopt, choose_memory, component_dtypes,
+                         component_folders, device_from, is_available, load_scheduler, load_vae, module_device,
+                         module_dtype, read_config, running)
 from .configs import ConfigDict, SchedulerConfig
 from .cuda_graphs import GraphedForward
 from .denoise import check_guidance_interval, guidance_window, model_function, noise_level
 from .encoding import PromptEncoding
-from .hardware import give_back_freed_memory, keep_freed_memory
+from .hardware import default_dtype, give_back_freed_memory, keep_freed_memory
 from .images import ImageProcessor, numpy_to_pil, resize_and_crop_tensor
-from .inputs import check_call, micro_conditions
+from .inputs import check_call, micro_conditions, whole_number
 from .lora import Adapters, LoraLoaderMixin
 from .models.t5 import T5EncoderModel
 from .models.transformer import PixArtTransformer2DModel
@@ -41,6 +41,8 @@ logger = logging.getLogger("pixart")
 
 TILE_ABOVE = 128 * 128  # latent pixels (a 1024² image) above which decoding is tiled
 _LOAD = object()  # from_pretrained's "load this component from the folder" default
+# keywords of Stable Diffusion pipelines that code copied from them passes (safety_checker=None): warned, ignored
+STABLE_DIFFUSION_ONLY = frozenset({"safety_checker", "feature_extractor", "requires_safety_checker", "image_encoder"})
 
 
 @dataclass
@@ -89,7 +91,7 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
         self._sources = dict(sources or {})  # name -> the folder a component was read from
         self._name_or_path: str | None = None  # from_pretrained's source
         given = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer}
-        self._loaded.update({name: module for name, module in given.items() if name not in self._loaders})
+        self._loaded.update({name: adopt(name, module) for name, module in given.items() if name not in self._loaders})
         self.memory = memory
         self.prompt_cache: PromptCache | None = None
         self._encoder_id: str | None = None  # identity of the text encoder + tokenizer files, for the cache
@@ -139,6 +141,18 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
     # Loading and placement
 
     @classmethod
+    def from_pipe(cls, pipeline: "PixArtAlphaPipeline", **components: Any) -> "PixArtAlphaPipeline":
+        """diffusers' from_pipe: a new pipeline on `pipeline`'s components, shared (nothing is loaded twice or
+        copied); keyword arguments replace components (`scheduler=...`, `transformer=...`)."""
+        unknown = sorted(set(components) - set(COMPONENTS))
+        if unknown:
+            raise TypeError(f"from_pipe() got unexpected keyword arguments: {', '.join(unknown)} (it takes the "
+                            f"components: {', '.join(COMPONENTS)})")
+        new = cls(**{**pipeline.components, **components})
+        new._name_or_path, new._sources = pipeline._name_or_path, dict(pipeline._sources)
+        return new
+
+    @classmethod
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
@@ -170,8 +184,12 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
         are read from disk, and the text encoder is not loaded for them (off by default, as in diffusers).
         """
         torch_dtype = dtype_keyword(torch_dtype, kwargs)
-        dtypes = component_dtypes(torch_dtype)
+        auto_dtype = isinstance(torch_dtype, str) and torch_dtype == "auto"
+        dtypes = component_dtypes(None if auto_dtype else torch_dtype)
         torch_dtype = dtypes["default"]
+        for name in STABLE_DIFFUSION_ONLY & kwargs.keys():
+            logger.warning("%s=%r ignored: PixArt-α pipelines have no %s (a Stable Diffusion option)", name,
+                           kwargs.pop(name), name)
         unknown = sorted(set(kwargs) - set(HUB_KWARGS) - set(IGNORED_KWARGS))
         if unknown:
             raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(unknown)}")
@@ -187,6 +205,9 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
             given[name] = None
             wanted.remove(name)
         device = device_from(device, device_map)
+        if auto_dtype:  # as the CLI's --dtype auto: bf16 where the device runs it natively, else fp32
+            dtypes = component_dtypes(default_dtype(device))
+            torch_dtype = dtypes["default"]
         subfolders = component_folders(folder, wanted)
         memory = choose_memory(memory, subfolders, torch_dtype or torch.float32, device)
         load_device = torch.device("cpu") if memory == "offload" else device
@@ -307,12 +328,13 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
             raise ValueError("cuda_graphs=True does not combine with cache=: the cache decides each step on the host "
                              "from the previous one; choose one of them")
         num_images_per_prompt = 1 if num_images_per_prompt is None else num_images_per_prompt
-        output_type = output_type or "pil"
+        output_type = "np" if output_type is None else output_type  # as diffusers' image processor
         check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, output_type, callback_steps,
                     num_images_per_prompt, callback_on_step_end_tensor_inputs, guidance_scale)
+        num_images_per_prompt, callback_steps = int(num_images_per_prompt), int(callback_steps)
         cfg = self.model_config("transformer")
-        height = height or cfg.sample_size * self.vae_scale_factor
-        width = width or cfg.sample_size * self.vae_scale_factor
+        height, width = (self._pixels(name, value or cfg.sample_size * self.vae_scale_factor)
+                         for name, value in (("height", height), ("width", width)))
         orig_height, orig_width = height, width
         height, width = self._generation_size(cfg, height, width, use_resolution_binning)
 
@@ -383,11 +405,16 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
             images = self.image_processor.postprocess(images, output_type=output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
+    @staticmethod
+    def _pixels(name: str, value: Any) -> int:
+        """A requested height or width as an int (a NumPy integer or 512.0 too), checked."""
+        pixels = whole_number(value)
+        if pixels is None or pixels < 8:
+            raise ValueError(f"{name} must be a whole number of pixels >= 8, got {value!r}")
+        return pixels
+
     def _generation_size(self, cfg, height: int, width: int, binning: bool) -> tuple[int, int]:
         """The size the model generates at: the nearest aspect-ratio bin, or the request (multiples of 16)."""
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value < 8:
-                raise ValueError(f"{name} must be an integer number of pixels >= 8, got {value!r}")
         if binning:
             return classify_height_width_bin(height, width, model_bin_table(cfg.sample_size, self.vae_scale_factor,
                                                                             cfg.patch_size))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -284,10 +285,12 @@ def make_timesteps(config: SchedulerConfig, num_inference_steps: int | None = No
         if len(timesteps) == 0:
             raise ValueError("timesteps is empty")
         return _custom_timesteps(config, timesteps)
-    if not 1 <= num_inference_steps <= config.num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be between 1 and num_train_timesteps "
-                         f"({config.num_train_timesteps}), got {num_inference_steps}")
-    return _TIMESTEPS[config.class_name](config, num_inference_steps)
+    steps = num_inference_steps
+    whole = isinstance(steps, numbers.Integral) or (isinstance(steps, float) and steps.is_integer())
+    if isinstance(steps, bool) or not whole or not 1 <= steps <= config.num_train_timesteps:
+        raise ValueError(f"num_inference_steps must be a whole number from 1 to num_train_timesteps "
+                         f"({config.num_train_timesteps}), got {num_inference_steps!r}")
+    return _TIMESTEPS[config.class_name](config, int(steps))
 
 
 def noise_levels(config: SchedulerConfig, timesteps: torch.Tensor) -> torch.Tensor:

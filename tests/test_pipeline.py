@@ -310,3 +310,80 @@ def test_a_hand_written_loop_over_pipe_scheduler_gives_the_pipelines_latents(pip
     finally:
         ours.scheduler = original
     assert torch.equal(latents, expected)
+
+
+def _embeds(pipes):
+    ours, _ = pipes
+    return ours.encode_prompt("artistic")  # (1, 120, 32) T5 states of the tiny model, masks, negative ones
+
+
+@pytest.mark.parametrize("case, message", [
+    ("negative mask shorter", r"negative_prompt_attention_mask has shape \(1, 10\) but negative_prompt_embeds "
+                              r"\(1, 120, 32\): it needs .* \(1, 120\)"),
+    ("mask shorter", r"prompt_attention_mask has shape \(1, 10\) but prompt_embeds \(1, 120, 32\)"),
+    ("2-D embeddings", r"prompt_embeds must be a \(batch, tokens, channels\) tensor, .* got \(120, 32\)"),
+    ("mask of another batch", r"prompt_attention_mask has shape \(1, 120\) but prompt_embeds \(2, 120, 32\)"),
+    ("other caption width", r"prompt_embeds have 16 channels but the transformer takes caption_channels=32"),
+    ("one negative for two prompts", r"negative_prompt_embeds \(1, 120, 32\) do not pair with the prompts' "
+                                     r"\(2, 120, 32\): pass one row per prompt"),
+    ("shorter negative for a prompt", r"negative_prompt_embeds \(1, 10, 32\) do not pair with the prompts' \(1, 120"),
+])
+def test_embeddings_and_masks_that_do_not_fit_are_named_before_any_work(pipes_512, case, message):
+    ours, _ = pipes_512
+    e, m, ne, nm = _embeds(pipes_512)
+    calls = {
+        "negative mask shorter": dict(prompt_embeds=e, prompt_attention_mask=m, negative_prompt_embeds=ne,
+                                      negative_prompt_attention_mask=nm[:, :10]),
+        "mask shorter": dict(prompt_embeds=e, prompt_attention_mask=m[:, :10]),
+        "2-D embeddings": dict(prompt_embeds=e[0], prompt_attention_mask=m),
+        "mask of another batch": dict(prompt_embeds=e.repeat(2, 1, 1), prompt_attention_mask=m),
+        "other caption width": dict(prompt_embeds=e[..., :16], prompt_attention_mask=m),
+        "one negative for two prompts": dict(prompt=["a", "b"], negative_prompt_embeds=ne,
+                                             negative_prompt_attention_mask=nm),
+        "shorter negative for a prompt": dict(prompt="a", negative_prompt_embeds=ne[:, :10],
+                                              negative_prompt_attention_mask=nm[:, :10]),
+    }
+    with pytest.raises(ValueError, match=message):  # was a tensor-size RuntimeError deep in attention
+        ours(**calls[case], num_inference_steps=1, output_type="latent")
+
+
+def test_whole_numbers_of_any_type_a_1d_mask_and_output_type_none_work_as_in_diffusers(pipes_512):
+    ours, ref = pipes_512
+    e, m, _, _ = _embeds(pipes_512)
+    base = dict(num_inference_steps=2, height=256, width=256, output_type="np")
+    want = ours(prompt_embeds=e, prompt_attention_mask=m, generator=torch.Generator().manual_seed(0), **base).images
+    odd = dict(base, num_inference_steps=np.int64(2), height=np.int64(256), width=256.0, output_type=None)
+    got = ours(prompt_embeds=e, prompt_attention_mask=m[0], generator=torch.Generator().manual_seed(0), **odd).images
+    assert isinstance(got, np.ndarray)  # output_type=None is diffusers' "np"
+    np.testing.assert_array_equal(got, want)
+    theirs = ref(prompt_embeds=e, prompt_attention_mask=m[0], generator=torch.Generator().manual_seed(0),
+                 **dict(odd, height=256, width=256)).images  # (diffusers' binning cannot take NumPy sizes)
+    assert_images_close(got, theirs)
+    masks = ours.encode_prompt(None, prompt_embeds=e, prompt_attention_mask=m[0], num_images_per_prompt=2)[1]
+    assert masks.shape == (2, 120) and torch.equal(masks[1], m[0])
+
+
+def test_components_from_diffusers_staged_pipelines_and_from_pipe(pipes_512, pipeline_dir_512, caplog):
+    ours, ref = pipes_512
+    call = dict(prompt="artistic", num_inference_steps=2, height=256, width=256, output_type="np")
+    want = ours(generator=torch.Generator().manual_seed(0), **call).images
+    # diffusers' transformer runs as pixart's, on the same tensors (no copy), giving our images
+    mixed = pixart.PixArtAlphaPipeline(**{**ours.components, "transformer": ref.transformer})
+    assert isinstance(mixed.transformer, pixart.PixArtTransformer2DModel)
+    assert mixed.transformer.proj_out.weight.data_ptr() == ref.transformer.proj_out.weight.data_ptr()
+    np.testing.assert_array_equal(mixed(generator=torch.Generator().manual_seed(0), **call).images, want)
+    # a staged pipeline's components are the models, loaded for the asker (were None until first used)
+    staged = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, memory="staged")
+    parts = staged.components
+    assert all(parts[name] is not None for name in ("tokenizer", "text_encoder", "vae", "transformer"))
+    shared = pixart.PixArtAlphaPipeline.from_pipe(staged, scheduler=pixart.DDIMScheduler.from_config(
+        staged.scheduler.config))
+    assert shared.transformer is parts["transformer"] and shared.scheduler.class_name == "DDIMScheduler"
+    with pytest.raises(TypeError, match="unexpected keyword arguments: vea"):
+        pixart.PixArtAlphaPipeline.from_pipe(staged, vea=None)
+    # Stable Diffusion's keywords in copied code: ignored with a warning; torch_dtype="auto" as the CLI's auto
+    with caplog.at_level("WARNING", logger="pixart"):
+        auto = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, safety_checker=None, torch_dtype="auto")
+    assert "safety_checker=None ignored" in caplog.text
+    from pixart.hardware import default_dtype
+    assert auto.transformer.dtype == default_dtype("cpu")
