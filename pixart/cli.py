@@ -20,6 +20,8 @@ from .schedulers import SAMPLER_NAMES, sampler_by_name
 from .weights.files import WeightsError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_BATCH = 4  # images of one prompt per pipeline call: -n 1000 must not ask for 1000 images' memory at once
+MAX_SIDE = 4096  # pixels a side: 4× the largest trained size; beyond, one image's latents and resize outgrow RAM
 LINE_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": (int, float),
              "width": int, "height": int, "n": int, "sampler": str}
 
@@ -45,13 +47,55 @@ def lora_option(value: str) -> tuple[str, float]:
         return value, 1.0
 
 
+def device_option(value: str) -> str:
+    """--device: a device torch knows and this machine has (argparse type)."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {value!r}: use cpu, cuda, cuda:1, mps ...") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{value}: no CUDA GPU here (or this torch is a CPU build): use --device "
+                                             "cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{value}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                                             f"cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: MPS is not available here: use --device cpu")
+    return value
+
+
+def side_option(value: str) -> int:
+    """--width/--height: whole pixels from 8 to MAX_SIDE (argparse type)."""
+    try:
+        pixels = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of pixels") from None
+    if not 8 <= pixels <= MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"{pixels} pixels: give 8 to {MAX_SIDE} (leave it out for the model's size)")
+    return pixels
+
+
+def port_option(value: str) -> int:
+    """--port: 1 to 65535 (argparse type)."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port: give 1 to 65535")
+    return port
+
+
 def add_load_options(parser: argparse.ArgumentParser) -> None:
     """The options that choose and load the pipeline, shared by every command that generates."""
     parser.add_argument("--model", required=True, help="diffusers PixArt-α folder or Hub id "
                         "(e.g. PixArt-alpha/PixArt-XL-2-1024-MS)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="compute dtype (auto: bf16 on GPUs and CPUs with native bf16, else fp32)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--device", type=device_option, default=None,
+                        help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--transformer", default=None, metavar="FILE",
                         help="transformer weights to use instead of the model's: an original PixArt-XL-2-*.pth or a "
                              "single .safetensors file")
@@ -96,12 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default or -1: a random one, printed; 0 with --prompts)")
     gen.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     gen.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
-    gen.add_argument("--width", type=int, default=None, help="pixels (default: the model's size)")
-    gen.add_argument("--height", type=int, default=None, help="pixels (default: the model's size)")
+    gen.add_argument("--width", type=side_option, default=None, help="pixels (default: the model's size)")
+    gen.add_argument("--height", type=side_option, default=None, help="pixels (default: the model's size)")
     gen.add_argument("-n", "--n", "--num-images", dest="num_images", type=int, default=1,
                      help="images per prompt (default 1)")
     gen.add_argument("--batch-size", type=int, default=None, help="images per pipeline call, among those with the "
-                     "same steps, guidance, size and sampler (default: all -n of one prompt; 1 with --prompts)")
+                     f"same steps, guidance, size and sampler (default: up to {DEFAULT_BATCH} of one prompt's -n; 1 "
+                     "with --prompts)")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing images at -o (without it, an "
+                     "existing file stops the run before anything is generated)")
     gen.add_argument("--no-binning", action="store_true", help="generate at exactly --width x --height "
                      "(multiples of 16) instead of the nearest trained aspect-ratio bin")
     gen.add_argument("--no-clean-caption", action="store_true", help="skip the caption cleaning diffusers does")
@@ -135,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--no-clean-caption", action="store_true", help="skip diffusers' caption cleaning")
     ext.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the stored captions and of T5 "
                      "(default bf16: the trainer's autocast dtype, and no fp16 overflow)")
-    ext.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    ext.add_argument("--device", type=device_option, default=None, help="cpu, cuda, ... (default: cuda when "
+                     "available)")
     ext.add_argument("--skip-missing-captions", action="store_true", help="leave out images without a .txt")
     ext.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images, with a warning")
     ext.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -143,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="HTTP server: OpenAI Images API, AUTOMATIC1111 txt2img, a web page")
     add_load_options(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--port", type=port_option, default=8000, help="port (default 8000)")
     srv.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
     srv.add_argument("--max-queue", type=int, default=32, help="waiting jobs before 429 (default 32)")
     srv.add_argument("--max-batch", type=int, default=4, help="compatible jobs run as one batch (default 4)")
@@ -193,7 +241,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard the weights, gradients and optimizer "
                    "state over the processes (FSDP2) instead of replicating them (DDP)")
-    p.add_argument("--device", default=None, help="cpu, cuda ... (default: this rank's GPU when there is one)")
+    p.add_argument("--device", type=device_option, default=None, help="cpu, cuda ... (default: this rank's GPU "
+                   "when there is one)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores, shared among "
                    "the torchrun processes of this machine)")
     p.add_argument("--log-every", type=int, default=d["log_every"], help="steps between log lines (default %(default)s)")

@@ -19,8 +19,9 @@ def check_guidance_interval(interval: Any, name: str = "guidance_interval") -> t
     if isinstance(interval, (str, bytes)) or not hasattr(interval, "__len__") or len(interval) != 2:
         raise ValueError(f"{name} must be a pair (sigma_lo, sigma_hi), e.g. (0.28, 5.42), got {interval!r}")
     lo, hi = interval
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in (lo, hi)):
-        raise ValueError(f"{name} bounds must be numbers, got {interval!r}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (lo, hi)):
+        raise ValueError(f"{name} bounds must be finite numbers (1e4 is above every noise level of PixArt's "
+                         f"schedule), got {interval!r}")
     if not 0 <= lo < hi:
         raise ValueError(f"{name} needs 0 <= sigma_lo < sigma_hi, got ({lo}, {hi})")
     return float(lo), float(hi)

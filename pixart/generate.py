@@ -3,6 +3,7 @@ written as PNGs with their settings (and a manifest for a prompts file), resumin
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from . import dist
-from .cli import LINE_KEYS, load_pipeline, speed_options
+from .cli import DEFAULT_BATCH, LINE_KEYS, MAX_SIDE, load_pipeline, speed_options
 from .images import png_info
 from .schedulers import sampler_by_name, sampler_label, with_sampler
 
@@ -42,10 +43,18 @@ class Job:
 
 def read_prompts(path: Path) -> list[dict]:
     """The prompts file as one dict per non-blank line: plain text is a prompt, a `{...}` line JSON settings."""
+    if path.is_dir():
+        raise ValueError(f"prompts file {path} is a folder: give the text or JSONL file of prompts")
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ValueError(f"prompts file {path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}): save "
+                         "the file as UTF-8") from None
     entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("{"):
             entries.append({"prompt": line})
@@ -76,6 +85,10 @@ def _json_line(line: str, where: str) -> dict:
     for key in ("steps", "n"):
         if entry.get(key, 1) < 1:
             raise ValueError(f"{where}: {key} must be at least 1, got {entry[key]}")
+    for key in ("width", "height"):
+        if not 8 <= entry.get(key, 8) <= MAX_SIDE:
+            raise ValueError(f"{where}: {key} must be 8 to {MAX_SIDE} pixels (leave it out for the model's size), "
+                             f"got {entry[key]}")
     if "sampler" in entry:
         try:
             entry["sampler"] = sampler_by_name(entry["sampler"])
@@ -127,7 +140,8 @@ def generate(args: argparse.Namespace) -> list[Path]:
         jobs = [replace(j, width=j.width or default_size, height=j.height or default_size) for j in jobs]
         if from_file:
             _check_existing(jobs, paths, args.model, pipe.dtype, speed_options(args))
-        mine = batches(jobs, args.batch_size or (1 if from_file else args.num_images))[dist.rank()::dist.world_size()]
+        size = args.batch_size or (1 if from_file else min(args.num_images, DEFAULT_BATCH))
+        mine = batches(jobs, size)[dist.rank()::dist.world_size()]
         # Resume: a batch is skipped only when all of it exists; rerunning a partial one keeps its images bit-identical
         mine = [b for b in mine if not (from_file and all(paths[j.index].exists() for j in b))]
         written = dist.all_sum(_generate_batches(pipe, mine, paths, args, skip_existing=from_file))
@@ -198,6 +212,13 @@ def _plan_run(args: argparse.Namespace) -> tuple[list[Job], list[Path]]:
         seed = random.randrange(2**32) if args.seed in (None, -1) else args.seed
         jobs = plan([{"prompt": args.prompt}], args, seed)
         paths = [output] if len(jobs) == 1 else [output.with_name(f"{output.stem}-{i}.png") for i in range(len(jobs))]
+        for path in paths:
+            if path.is_dir():
+                raise ValueError(f"{path} is a folder: give -o a .png file path")
+        existing = [path for path in paths if path.exists()]
+        if existing and not args.overwrite:
+            names = ", ".join(map(str, existing[:3])) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+            raise ValueError(f"{names} already exist(s): choose another -o, or pass --overwrite to replace")
         return jobs, paths
     if args.outdir is None:
         raise ValueError("--prompts needs --outdir DIR for the images")
@@ -255,17 +276,29 @@ def _write_manifest(path: Path, jobs: list[Job], paths: list[Path], model: str, 
     """One JSON line per image, in index order, written whole (temp file + rename)."""
     lines = [json.dumps({"file": paths[j.index].name, "index": j.index, **_settings(j, model, dtype, options)})
              for j in jobs]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    _write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8"),
+                  "--outdir")
 
 
 def _save_atomic(image, path: Path, info: PngInfo) -> None:
     """Write next to the target, then rename: a full disk never leaves a half-written PNG behind."""
+    _write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), "-o or --outdir")
+
+
+def _write_atomic(path: Path, write, flag: str) -> None:
+    """write(tmp) beside `path`, then rename over it; on failure, nothing of it is left and the error says why."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"could not write {path}: {e.strerror or e} (free some disk space or choose another -o)") from None
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only file system refuses even that; there is nothing to remove then
+            pass
+        fix = {errno.ENOSPC: "free some disk space or choose another " + flag,
+               errno.EDQUOT: "free some of your disk quota or choose another " + flag,
+               errno.EROFS: "the file system is read-only: choose another " + flag,
+               errno.EACCES: "permission denied: choose a folder you can write to with " + flag,
+               errno.EISDIR: f"{path} is a folder: choose another " + flag}.get(e.errno, "choose another " + flag)
+        raise OSError(f"could not write {path}: {e.strerror or e} ({fix})") from None

@@ -149,8 +149,11 @@ class Int4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, group_size: int):
         super().__init__()
         if in_features % group_size:
+            fits = [g for g in GROUP_SIZES if in_features % g == 0]
+            fix = (f"QuantSpec(4, {fits[-1]}) in Python, whose groups do" if fits else "no int4 group size does")
             raise ValueError(f"int4 groups of {group_size} do not divide the {in_features} input features of a "
-                             "linear layer: choose a group size that does")
+                             f"linear layer of this model: quantize it to int8 instead (--quantize-text-encoder int8), "
+                             f"or {fix}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = in_features // group_size
         self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8),

@@ -104,7 +104,7 @@ def test_cuda_graphs_flag_reaches_the_pipeline_and_is_checked_against_cache(pipe
               "--width", "128", "--height", "128", "--no-binning", "--dtype", "fp32", "--quiet", "--cuda-graphs"]
     assert main(common) == 0  # on a CPU the steps run eagerly: the option is recorded and changes nothing
     assert json.loads(Image.open(out).text["parameters"])["cuda_graphs"] is True
-    assert main(common + ["--cache", "fast"]) != 0
+    assert main(common + ["--cache", "fast", "--overwrite"]) != 0
     assert "does not combine with cache" in capsys.readouterr().err
 
 
@@ -112,3 +112,107 @@ def test_bad_cache_value_exits_with_usage(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "x", "--model", "m", "--cache", "quick"])
     assert "not a preset" in capsys.readouterr().err
+
+
+def _run(pipeline_dir, *args):
+    return main(["generate", "artistic", "--model", str(pipeline_dir), "--steps", "1", "--width", "128", "--height",
+                 "128", "--dtype", "fp32", "--quiet", *args])
+
+
+def test_an_existing_image_is_never_replaced_without_overwrite(pipeline_dir_512, tmp_path, capsys):
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"an earlier image")
+    (tmp_path / "many-1.png").write_bytes(b"another")
+    assert _run(pipeline_dir_512, "-o", str(out), "--seed", "1") == 2
+    assert out.read_bytes() == b"an earlier image"
+    assert "keep.png already exist(s): choose another -o, or pass --overwrite" in capsys.readouterr().err
+    assert _run(pipeline_dir_512, "-o", str(tmp_path / "many.png"), "-n", "2", "--seed", "1") == 2
+    assert not (tmp_path / "many-0.png").exists() and (tmp_path / "many-1.png").read_bytes() == b"another"
+    assert _run(pipeline_dir_512, "-o", str(out), "--seed", "1", "--overwrite") == 0
+    assert json.loads(Image.open(out).text["parameters"])["seed"] == 1
+    (tmp_path / "dir.png").mkdir()
+    assert _run(pipeline_dir_512, "-o", str(tmp_path / "dir.png"), "--overwrite") == 2
+    assert "dir.png is a folder: give -o a .png file path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "foo"], "unknown device 'foo': use cpu, cuda"),
+    (["--width", "0"], "0 pixels: give 8 to 4096 (leave it out for the model's size)"),
+    (["--height", "100000"], "100000 pixels: give 8 to 4096"),
+    (["--width", "12.5"], "'12.5' is not a whole number of pixels"),
+])
+def test_a_bad_device_or_size_is_a_usage_error(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "x", "--model", "m", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "x", "--model", "m", "--device", "cuda"])
+    assert "cuda: no CUDA GPU here (or this torch is a CPU build): use --device cpu" in capsys.readouterr().err
+
+
+def test_a_port_out_of_range_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--model", "m", "--port", "99999"])
+    assert exit_info.value.code == 2 and "99999 is not a TCP port: give 1 to 65535" in capsys.readouterr().err
+
+
+def test_an_infinite_guidance_interval_is_refused_before_writing(pipeline_dir_512, tmp_path, capsys):
+    out = tmp_path / "inf.png"
+    assert _run(pipeline_dir_512, "-o", str(out), "--guidance-interval", "0", "1e400") == 2
+    assert "bounds must be finite numbers" in capsys.readouterr().err and not out.exists()
+
+
+def test_prompts_files_that_cannot_be_read_name_the_problem(pipeline_dir_512, tmp_path, capsys):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"a red circle\na \xff square\n")
+    line = tmp_path / "size.jsonl"
+    line.write_text('{"prompt": "a", "width": 0}\n')
+    for prompts, message in ((bad, "bad.txt, line 2: not UTF-8 text (byte 0xff): save the file as UTF-8"),
+                             (tmp_path, "is a folder: give the text or JSONL file of prompts"),
+                             (line, "size.jsonl, line 1: width must be 8 to 4096 pixels")):
+        assert main(["generate", "--prompts", str(prompts), "--outdir", str(tmp_path / "o"), "--model",
+                     str(pipeline_dir_512)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_one_prompts_many_images_run_in_batches_of_at_most_four(pipeline_dir_512, tmp_path, monkeypatch):
+    sizes = []
+    original = pixart.PixArtAlphaPipeline.__call__
+
+    def recording(self, prompt, *args, **kwargs):
+        sizes.append(len(prompt))
+        return original(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(pixart.PixArtAlphaPipeline, "__call__", recording)
+    assert _run(pipeline_dir_512, "-o", str(tmp_path / "b.png"), "-n", "6", "--seed", "0") == 0
+    assert sizes == [4, 2] and len(list(tmp_path.glob("b-*.png"))) == 6
+
+
+def test_a_failed_write_names_the_fix_and_leaves_nothing_half_written(tmp_path):
+    import errno
+
+    from pixart.generate import _write_atomic
+
+    target = tmp_path / "manifest.jsonl"
+    target.write_text("the previous manifest\n")
+
+    def full_disk(tmp):
+        tmp.write_text("half of it")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"could not write .*manifest.jsonl: No space left on device \(free some disk "
+                                      r"space or choose another --outdir\)"):
+        _write_atomic(target, full_disk, "--outdir")
+    assert target.read_text() == "the previous manifest\n" and list(tmp_path.iterdir()) == [target]
+
+
+def test_int4_on_a_model_its_groups_do_not_divide_names_the_fixes():
+    from pixart.quant import Int4Linear
+
+    with pytest.raises(ValueError, match=r"quantize it to int8 instead \(--quantize-text-encoder int8\), or "
+                                         r"QuantSpec\(4, 32\) in Python"):
+        Int4Linear(96, 8, 128)
