@@ -205,7 +205,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     """`pixart train`'s options; the defaults are TrainOptions' (the paper's recipe)."""
     from dataclasses import fields
 
-    from .train.loop import MIXED_PRECISION, TrainOptions
+    from .train.options import MIXED_PRECISION, TrainOptions
 
     d = {f.name: f.default for f in fields(TrainOptions)}
     p.add_argument("features", help="features folder written by `pixart extract`")
@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
 
             serve(args)
         elif args.command == "train":
-            from .train.loop import TrainOptions, train
+            from .train.loop import train
+            from .train.options import TrainOptions
 
             train(TrainOptions.from_args(args))
     except (ValueError, FileNotFoundError, WeightsError, OSError) as e:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -325,3 +326,27 @@ def test_bad_inputs_are_clear_errors(pipeline_dir_512, tmp_path, capsys, caplog)
     (tmp_path / "f/index.json").write_text(json.dumps({**index, "model": "/models/other"}))
     code, err = run_cli(capsys, tmp_path / "ds", "--model", model, "-o", tmp_path / "f", "--skip-missing-captions")
     assert code == 2 and f"model: '/models/other' there, '{pipeline_dir_512}' now" in err
+
+
+def test_output_and_resolution_are_checked_before_extracting(pipeline_dir_512, tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    make_images(tmp_path / "ds", {"a.png": (32, 32)})
+    common = [str(tmp_path / "ds"), "--model", str(pipeline_dir_512), "--quiet"]
+    for value in ("0", "-64"):  # 0 was silently the model's default
+        code = main(["extract", *common, "-o", str(tmp_path / "f"), "--resolution", value])
+        assert code == 2 and f"--resolution must be at least 1, got {value}" in capsys.readouterr().err
+    code = main(["extract", *common, "-o", str(tmp_path / "f"), "--resolution", "40"])
+    assert code == 2 and "--resolution 40 must be a multiple of 16 px" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+    code = main(["extract", *common, "-o", str(tmp_path / "ds" / "a.png")])  # was "[Errno 20] Not a directory"
+    assert code == 2 and f"-o {tmp_path / 'ds' / 'a.png'} is a file, not a folder" in capsys.readouterr().err
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    code = main(["extract", *common, "-o", str(tmp_path / "f")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"-o {tmp_path / 'f'} cannot be created or written (Read-only file system)" in err

@@ -371,3 +371,140 @@ def test_mixed_precision_trains_fp32_weights(tiny, precision):
         state = load_file(out / "transformer" / name)
         assert all(v.dtype == torch.float32 for v in state.values())
     assert not torch.equal(state["proj_out.weight"], torch.zeros_like(state["proj_out.weight"]))  # it trained
+
+
+def folder_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_output_that_is_inside_or_holds_the_source_model_is_refused_before_training(tmp_path, capsys):
+    """-o the --model folder itself (or through a symlink), a folder in it or one holding it: saving would overwrite
+    the model (its transformer, and each hard-linked tokenizer / T5 file deleted before being linked to itself)."""
+    import shutil
+
+    from pixart import demo
+
+    model = tmp_path / "models" / "mdl"
+    shutil.copytree(demo.MODEL, model)
+    write_features(tmp_path / "feats", caption_dim=64)  # the demo's T5 width: on its own this run would train
+    (tmp_path / "link").symlink_to(model)
+    before = folder_bytes(model)
+    for output, relation in ((model, "is"), (tmp_path / "link", "is"), (model / "out", "is inside"),
+                             (tmp_path / "models", "holds")):
+        code = main(["train", str(tmp_path / "feats"), "--model", str(model), "-o", str(output), "--max-steps", "1",
+                     "--batch-size", "2", "--device", "cpu", "--mixed-precision", "no"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"-o {output} {relation} the model folder of --model {model}: saving would overwrite" in err
+        assert err.endswith("give an -o outside that folder (and not one above it)\n")
+    assert folder_bytes(model) == before and not (model / "out").exists()
+
+
+def test_saving_into_the_source_keeps_its_files_and_copy_failures_are_one_message(tmp_path):
+    """save_trained's hard links of the source's components never delete a file that is the source (same inode);
+    a file that cannot be linked or copied is one error naming it, not shutil's list of tuples."""
+    from pixart.train.model import save_trained
+
+    net = PixArtTransformer2DModel(TransformerConfig.from_json(tiny_config(tmp_path / "config.json")))
+    source = tmp_path / "mdl"
+    (source / "tokenizer").mkdir(parents=True)
+    (source / "tokenizer" / "tokenizer.json").write_text('{"a": 1}')
+    (source / "text_encoder").mkdir()
+    (source / "text_encoder" / "model.safetensors").write_bytes(b"tens of GB")
+    for output in (source, tmp_path / "alias"):  # the folder itself, and through a symlink
+        if output != source:
+            output.symlink_to(source)
+        save_trained(net, None, output, str(source), None)
+        assert (source / "tokenizer" / "tokenizer.json").read_text() == '{"a": 1}'
+        assert (source / "text_encoder" / "model.safetensors").read_bytes() == b"tens of GB"
+    out = tmp_path / "out"
+    save_trained(net, None, out, str(source), None)
+    assert (out / "text_encoder" / "model.safetensors").samefile(source / "text_encoder" / "model.safetensors")
+    save_trained(net, None, out, str(source), None)  # again: the links of the first save stay
+    assert (out / "tokenizer" / "tokenizer.json").samefile(source / "tokenizer" / "tokenizer.json")
+    blocked = tmp_path / "blocked"
+    (blocked / "tokenizer" / "tokenizer.json").mkdir(parents=True)  # a folder where a file must go
+    with pytest.raises(OSError, match=r"the trained model is saved .*, but 1 file\(s\) of .*tokenizer could not be "
+                                      r"linked or copied into .*blocked/tokenizer \(first: .*tokenizer.json: ") as e:
+        save_trained(net, None, blocked, str(source), None)
+    assert "[(" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_finished_output_is_not_trained_over(tiny):
+    """A second run into a folder holding a trained model (or LoRA) stops before training, unless it resumes it."""
+    out = run(tiny, "tr7", max_steps=1)
+    weights = (out / "transformer" / WEIGHTS).read_bytes()
+    with pytest.raises(ValueError, match=r"-o .*tr7 already holds a trained model \(transformer\), which this run "
+                                         "would overwrite: give another -o, or delete that folder to train again"):
+        run(tiny, "tr7", max_steps=2, seed=5)
+    with pytest.raises(ValueError, match="--resume auto finds no checkpoint there to continue: give another -o, "
+                                         "or delete that folder"):
+        run(tiny, "tr7", max_steps=2, seed=5, resume="auto")
+    assert (out / "transformer" / WEIGHTS).read_bytes() == weights
+    lora = run(tiny, "lora", max_steps=1, lora_rank=2)
+    with pytest.raises(ValueError, match=r"already holds a trained model \(pytorch_lora_weights.safetensors\)"):
+        run(tiny, "lora", max_steps=1, lora_rank=2)
+    with_checkpoint = run(tiny, "ckpt", max_steps=1, checkpoint_every=1)
+    run(tiny, "ckpt", max_steps=2, resume="auto")  # continuing a run is allowed
+    assert [r["step"] for r in log_records(with_checkpoint)] == [1, 2] and lora.is_dir()
+
+
+def test_an_unwritable_or_full_output_is_refused_before_the_model_loads(tiny, monkeypatch):
+    import errno
+    import tempfile
+
+    def not_loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr("pixart.train.loop.build_model", not_loaded)
+    (tiny / "a-file").write_text("x")
+    with pytest.raises(ValueError, match=r"-o .*a-file is a file, not a folder"):
+        run(tiny, "a-file", max_steps=1)
+    with pytest.raises(OSError, match=r"-o .*a-file/out cannot be created or written \(Not a directory\): give a "
+                                      "folder on a writable file system"):
+        run(tiny, "a-file/out", max_steps=1)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", read_only)
+        with pytest.raises(OSError, match=r"-o .*ro cannot be created or written \(Read-only file system\)"):
+            run(tiny, "ro", max_steps=1)
+    monkeypatch.undo()
+
+    class Usage:
+        free = 1000
+
+    monkeypatch.setattr("pixart.train.output.shutil.disk_usage", lambda path: Usage)
+    with pytest.raises(OSError, match=r"-o .*full has 0.0 MB free, but the run writes about \d+\.\d MB there \(the "
+                                      r"trained weights and their EMA, a checkpoint\): free some space"):
+        run(tiny, "full", max_steps=1, checkpoint_every=1, ema_decay=0.5)
+    assert not (tiny / "full" / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("lr", -1.0, "--lr must be a positive number, got -1.0"), ("lr", 0.0, "--lr must be a positive number"),
+    ("lr", math.nan, "--lr must be a positive number"), ("lr", math.inf, "--lr must be a positive number"),
+    ("adam_eps", 0.0, "--adam-eps must be a positive number"), ("lora_alpha", -2.0, "--lora-alpha must be a positive"),
+    ("weight_decay", -0.1, "--weight-decay must be 0 .off. or a positive number"),
+    ("grad_clip", math.nan, "--grad-clip must be 0 .off. or a positive number"),
+    ("warmup_steps", -1, "--warmup-steps must be at least 0"), ("checkpoint_every", -5, "--checkpoint-every must be"),
+    ("keep_checkpoints", -1, "--keep-checkpoints must be at least 0"), ("sample_every", -1, "--sample-every must"),
+    ("lora_rank", -4, "--lora-rank must be at least 0"), ("threads", 0, "--threads must be at least 1"),
+    ("sample_size", 0, "--sample-size must be at least 1"), ("sample_guidance", math.nan, "--sample-guidance must"),
+    ("device", "gpu", "--device 'gpu' is not a device"),
+])
+def test_bad_numbers_name_their_flag(tiny, name, value, message):
+    with pytest.raises(ValueError, match=message):
+        run(tiny, "o", max_steps=1, **{name: value})
+    assert not (tiny / "o").exists()  # refused before anything is written
+
+
+def test_bad_learning_rate_on_the_command_line_and_sample_size_of_the_model(tiny, pipeline_dir_512, capsys):
+    code = main(["train", str(tiny / "features"), "--config", str(tiny / "config.json"), "-o", str(tiny / "o"),
+                 "--max-steps", "1", "--lr", "-1"])
+    assert code == 2 and capsys.readouterr().err == "pixart: error: --lr must be a positive number, got -1.0\n"
+    with pytest.raises(ValueError, match=r"--sample-size 40 must be a multiple of 16 px \(VAE factor 8 x patch size 2"):
+        run(tiny, "o", max_steps=1, config=None, model=str(pipeline_dir_512), sample_every=1, sample_prompts=("x",),
+            sample_size=40)

@@ -30,6 +30,7 @@ from ..pipeline import PixArtAlphaPipeline
 from ..prompt_cache import fingerprint
 from ..weights.hub import resolve
 from .data import FORMAT, INDEX_KEYS, VERSION, read_items, read_jsonl, save_atomic
+from .output import writable_folder
 
 logger = logging.getLogger("pixart")
 
@@ -145,11 +146,11 @@ def make_index(model: str, options: Options) -> tuple[dict, int]:
     subs = component_folders(folder, ["tokenizer", "text_encoder", "vae", "transformer"])
     transformer, vae = read_config("transformer", subs["transformer"]), read_config("vae", subs["vae"])
     vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)
-    resolution = options.resolution or transformer.sample_size * vae_scale_factor
+    resolution = transformer.sample_size * vae_scale_factor if options.resolution is None else options.resolution
     multiple = vae_scale_factor * transformer.patch_size
     if resolution % multiple:
-        raise ValueError(f"resolution {resolution} must be a multiple of {multiple} px (VAE factor {vae_scale_factor} "
-                         f"x patch size {transformer.patch_size})")
+        raise ValueError(f"--resolution {resolution} must be a multiple of {multiple} px (VAE factor "
+                         f"{vae_scale_factor} x patch size {transformer.patch_size})")
     encoder = fingerprint(subs["text_encoder"], subs["tokenizer"], extra={
         "max_length": options.max_length, "clean_caption": options.clean_caption, "dtype": str(options.dtype)})
     return {"format": FORMAT, "version": VERSION, "max_length": options.max_length,
@@ -192,12 +193,14 @@ def truncations_counted() -> Iterator[list[int]]:
 
 def extract(dataset: str | Path, model: str, out: str | Path, options: Options = Options()) -> int:
     """Extract this process's share of `dataset` into `out` (under torchrun, each rank its own); returns how many."""
-    for name in ("batch_size", "shard_size", "max_length"):
-        if getattr(options, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
+    for name in ("resolution", "batch_size", "shard_size", "max_length"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     out = Path(out)
     sources = read_dataset(dataset, options.skip_missing_captions)
     index, multiple = make_index(model, options)
+    writable_folder(out)
     check_index(out, index)
     with dist.session():
         rank, world = dist.rank(), dist.world_size()

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from time import monotonic
-from typing import Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
@@ -27,95 +26,17 @@ from ..inputs import micro_conditions
 from ..lora import DEFAULT_TARGETS
 from ..models.transformer import PixArtTransformer2DModel
 from ..weights.hub import resolve
-from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .data import Features, epoch_batches
 from .diffusion import Schedule, training_losses
 from .log import RunLog
 from .model import EMA, OTHER_COMPONENTS, averaged, build_model, save_trained
+from .options import MIXED_PRECISION, TrainOptions, check_options
+from .output import check_free_space, check_output
 from .samples import SampleWriter
 
-MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # options a resumed run must share with the run that saved the checkpoint, or it would not continue that run
 RESUME_KEYS = ("batch_size", "seed", "caption_dropout", "lora_rank", "lora_alpha", "lora_targets")
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Everything `pixart train` takes; the defaults are the paper's (AdamW 2e-5, wd 0.03, clip 0.01, EMA 0.9999)."""
-
-    features: str
-    output: str
-    model: str | None = None  # a pipeline folder: its transformer is fine-tuned, its other components copied
-    config: str | None = None  # a transformer config.json: train from scratch (with --model: its other parts)
-    batch_size: int = 8  # global, split over the processes
-    gradient_accumulation_steps: int = 1  # micro-batches each process splits its share into (less memory, same step)
-    max_steps: int | None = None
-    epochs: int | None = None
-    max_time: float | None = None  # seconds of training in this process: then a checkpoint, the model, and stop
-    seed: int = 0
-    lr: float = 2e-5
-    weight_decay: float = 0.03
-    adam_eps: float = 1e-10
-    warmup_steps: int = 1000
-    grad_clip: float = 0.01
-    ema_decay: float | None = None  # None: 0.9999 for a full fine-tune, off (0) for LoRA
-    caption_dropout: float = 0.1
-    mixed_precision: str | None = None  # None: bf16 / fp16 where the device runs it natively, else no
-    gradient_checkpointing: bool = False
-    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP
-    device: str | None = None
-    threads: int | None = None  # None: torch's default, or this rank's share of the cores under torchrun
-    log_every: int = 10
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    resume: str | None = None  # "auto" or a checkpoint folder
-    sample_every: int = 0
-    sample_prompts: tuple[str, ...] = ()
-    sample_steps: int = 20
-    sample_guidance: float = 4.5
-    sample_size: int | None = None
-    sample_seed: int = 0
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_targets: tuple[str, ...] | None = None
-
-    @classmethod
-    def from_args(cls, args: Any) -> "TrainOptions":
-        """From the CLI's namespace: the fields of the same names, lists as tuples."""
-        values = {f.name: getattr(args, f.name) for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def check_options(o: TrainOptions) -> None:
-    """Raise a ValueError naming the first option that cannot work, and how to fix it."""
-    if o.model is None and o.config is None:
-        raise ValueError("give --model PIPELINE_FOLDER to fine-tune, or --config CONFIG.json to train from scratch")
-    if o.max_steps is None and o.epochs is None and o.max_time is None:
-        raise ValueError("give --max-steps N, --epochs N or --max-time DURATION: how long to train")
-    if o.max_time is not None and not o.max_time > 0:
-        raise ValueError(f"--max-time must be a positive duration (90s, 30m, 2h), got {o.max_time} seconds")
-    for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "epochs", "log_every", "sample_steps"):
-        value = getattr(o, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if not 0 <= o.caption_dropout <= 1:
-        raise ValueError(f"--caption-dropout is a probability in [0, 1], got {o.caption_dropout}")
-    if o.ema_decay is not None and not 0 <= o.ema_decay < 1:
-        raise ValueError(f"--ema-decay must be in [0, 1) (0 turns EMA off), got {o.ema_decay}")
-    if o.mixed_precision not in (None, *MIXED_PRECISION):
-        raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {o.mixed_precision!r}")
-    if o.sample_every and not o.sample_prompts:
-        raise ValueError("--sample-every needs --sample-prompts 'a prompt' ...")
-    if o.sample_every and o.model is None:
-        raise ValueError("sample images need a text encoder and a VAE: give --model PIPELINE_FOLDER with --sample-every")
-    if o.batch_size < dist.world_size():
-        raise ValueError(f"--batch-size {o.batch_size} is the global batch, split over {dist.world_size()} "
-                         "processes: make it at least the number of processes")
-    share = o.batch_size // dist.world_size()
-    if o.gradient_accumulation_steps > share:
-        raise ValueError(f"--gradient-accumulation-steps {o.gradient_accumulation_steps} splits each process's share "
-                         f"of the batch ({share} of --batch-size {o.batch_size}) into micro-batches: make it at most "
-                         f"{share}")
 
 
 def mixed_precision_dtype(o: TrainOptions, device: torch.device) -> torch.dtype | None:
@@ -150,6 +71,7 @@ class Trainer:
         # a Hub id becomes its local snapshot, with the components this run reads or copies
         wanted = ["transformer", "scheduler"] + (list(OTHER_COMPONENTS) if o.sample_every or not o.lora_rank else [])
         self.source = str(resolve(o.model, components=wanted)) if o.model else None
+        check_output(self.output, self.source, o.resume)
         self.model = build_model(self.source, o.config, o.seed, o.lora_rank, o.lora_alpha, o.lora_targets)
         self._check_features()
         scheduler = Path(self.source) / "scheduler" if self.source else None
@@ -172,6 +94,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
         decay = o.ema_decay if o.ema_decay is not None else (0.0 if o.lora_rank else 0.9999)
         self.ema = EMA(self.params, decay) if decay > 0 else None
+        self._check_free_space()
         self.generator = torch.Generator().manual_seed(o.seed)
         self.progress = Progress()
         self._resume()
@@ -184,7 +107,12 @@ class Trainer:
                                         o.sample_steps, o.sample_guidance, o.sample_seed, o.sample_size)
 
     def _check_features(self) -> None:
+        """The features, and the sample images' size, fit the transformer."""
         index, config = self.features.index, self.model.config
+        multiple = index["vae_scale_factor"] * config.patch_size
+        if self.o.sample_every and self.o.sample_size and self.o.sample_size % multiple:
+            raise ValueError(f"--sample-size {self.o.sample_size} must be a multiple of {multiple} px (VAE factor "
+                             f"{index['vae_scale_factor']} x patch size {config.patch_size})")
         if index["caption_dim"] != config.caption_channels:
             raise ValueError(f"the features hold {index['caption_dim']}-wide captions but the transformer takes "
                              f"{config.caption_channels}: extract them with this model's text encoder")
@@ -192,12 +120,16 @@ class Trainer:
             raise ValueError(f"the features hold {index['latent_channels']}-channel latents but the transformer takes "
                              f"{config.in_channels}: extract them with this model's VAE")
 
+    def _check_free_space(self) -> None:
+        """The output holds what the run writes: fp32 weights (and EMA), and a checkpoint (also Adam's 2 moments)."""
+        count = sum(p.numel() for p in self.params.values())  # a DTensor's numel is the whole tensor's
+        copies, what = (2, "the trained weights and their EMA") if self.ema else (1, "the trained weights")
+        if self.o.checkpoint_every or self.o.max_time is not None:
+            copies, what = copies + (4 if self.ema else 3), what + ", a checkpoint"
+        check_free_space(self.output, 4 * count * copies, what)
+
     def _resume(self) -> None:
-        found = list_checkpoints(self.output)
-        if self.o.resume is None:
-            if found:
-                raise ValueError(f"{self.output} already holds checkpoints of a run: continue it with --resume auto, "
-                                 "or choose another --output")
+        if self.o.resume is None:  # check_output refused an output holding checkpoints
             return
         path = find_checkpoint(self.o.resume, self.output)
         if path is None:
@@ -407,8 +339,8 @@ def assign(target: torch.Tensor, value: torch.Tensor) -> None:
 def train(o: TrainOptions) -> Path:
     """Run `pixart train`; returns the output folder."""
     with dist.session():
+        check_options(o)
         if o.threads is not None:
             set_threads(o.threads)
-        check_options(o)
         Trainer(o).run()
     return Path(o.output)

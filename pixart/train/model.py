@@ -117,15 +117,29 @@ def save_trained(net: PixArtTransformer2DModel, ema: EMA | None, output: Path, s
     if source is not None:
         for name in OTHER_COMPONENTS:
             if (Path(source) / name).is_dir():
-                shutil.copytree(Path(source) / name, output / name, copy_function=_link_or_copy, dirs_exist_ok=True)
+                _copy_component(Path(source) / name, output / name, written[0])
         if (Path(source) / "model_index.json").is_file():
             shutil.copy(Path(source) / "model_index.json", output / "model_index.json")
     return written
 
 
+def _copy_component(src: Path, dst: Path, saved: Path) -> None:
+    """A component folder of the source model into the output, its files hard-linked; one error naming what failed."""
+    try:
+        shutil.copytree(src, dst, copy_function=_link_or_copy, dirs_exist_ok=True)
+    except shutil.Error as e:  # copytree goes on past failed files, then raises them all as (src, dst, why) tuples
+        failed = e.args[0] if isinstance(e.args[0], list) else [(src, dst, str(e))]
+        first, _, why = failed[0]
+        raise OSError(f"the trained model is saved ({saved}), but {len(failed)} file(s) of {src} could not be linked "
+                      f"or copied into {dst} (first: {first}: {why}): copy that folder there by hand") from None
+
+
 def _link_or_copy(src: str, dst: str) -> None:
-    """Hard-link a file of the source model (T5 is tens of GB), or copy it across file systems."""
-    if os.path.exists(dst):
+    """Hard-link a file of the source model (T5 is tens of GB), or copy it across file systems; a destination that
+    already is the source file (the same inode: a link of an earlier run, or the source folder itself) stays."""
+    if os.path.lexists(dst):
+        if os.path.exists(dst) and os.path.samefile(src, dst):
+            return
         os.remove(dst)
     try:
         os.link(src, dst)
