@@ -248,7 +248,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=d["log_every"], help="steps between log lines (default %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"], help="steps between checkpoints (0: none)")
     p.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"], help="how many recent checkpoints "
-                   "to keep (default %(default)s)")
+                   "to keep, 0: all (default %(default)s)")
     p.add_argument("--resume", default=None, metavar="auto|PATH", help="continue from the newest checkpoint in the "
                    "output (auto) or from a checkpoint folder")
     p.add_argument("--sample-every", type=int, default=d["sample_every"], help="steps between sample images (0: none)")
