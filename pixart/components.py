@@ -264,8 +264,8 @@ def module_dtype(module: Any) -> torch.dtype:
 class ModelPlacement:
     """The pipeline's models: where they run and in which dtype (`to`, offloading, compile), whether loaded yet or not.
 
-    A subclass keeps `_loaded` (name -> model or None), `memory`, `_execution_target`, `_target_dtype`, `_load_dtype`
-    and `scheduler`."""
+    A subclass keeps `_loaded` (name -> model or None), `memory`, `_execution_target`, `_target_dtype`, `_load_dtype`,
+    `_load_dtypes` (name -> the dtype a staged model loads in) and `scheduler`."""
 
     def to(self, *args: Any, **kwargs: Any) -> "ModelPlacement":
         """Move (and optionally cast) the models: `.to("cuda")`, `.to(torch.bfloat16)`, `.to(device, dtype)`.
@@ -377,6 +377,14 @@ class ModelPlacement:
         if module is not None:
             return module_dtype(module)
         return self._target_dtype or self._load_dtype
+
+    def model_dtype(self, name: str) -> torch.dtype:
+        """The dtype model `name` computes in: its own once loaded, else the one it will load in (a per-component
+        torch_dtype, or the pipeline's; `to(dtype)` overrides both)."""
+        module = self._loaded.get(name)
+        if module is not None:
+            return module_dtype(module)
+        return self._target_dtype or self._load_dtypes.get(name) or self._load_dtype
 
     @property
     def components(self) -> dict[str, Any]:

@@ -102,8 +102,9 @@ class PromptEncoding:
         if truncation_warning:
             warn_truncated(self.tokenizer, texts, max_length)
         cache = self.prompt_cache if self._encoder_id is not None else None
-        keys = [cache.key(f"{self._encoder_id}/{self.dtype}", t, max_length, clean_caption) for t in texts] \
-            if cache else []
+        # the embeddings are the text encoder's, in its dtype (a per-component dtype can differ from the pipeline's)
+        encoder = f"{self._encoder_id}/{self.model_dtype('text_encoder')}"
+        keys = [cache.key(encoder, t, max_length, clean_caption) for t in texts] if cache else []
         found = [cache.get(k) for k in keys] if cache else [None] * len(texts)
         missing = [i for i, entry in enumerate(found) if entry is None]
         if missing:  # only now is the text encoder needed (and, when staged, loaded)
@@ -122,10 +123,8 @@ class PromptEncoding:
 
     def _embedding_dtype(self, prompt_embeds: torch.Tensor) -> torch.dtype:
         """The dtype the transformer computes in (else the text encoder's, else the embeddings' own)."""
-        if self._loaded.get("transformer") is not None:
-            return module_dtype(self._loaded["transformer"])
         if is_available(self, "transformer"):
-            return self._target_dtype or self._load_dtype
+            return self.model_dtype("transformer")
         if self._loaded.get("text_encoder") is not None:
             return module_dtype(self._loaded["text_encoder"])
         return prompt_embeds.dtype

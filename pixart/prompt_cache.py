@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger("pixart")
 
+ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")  # the sha256 of an entry's key: the only files evicted
 DEFAULT_MAX_BYTES = 2 * 2**30  # ~1000 prompts of T5-XXL in bf16 at 120 tokens (0.94 MB each)
 
 
@@ -52,15 +54,20 @@ class PromptCache:
         path = self.folder / f"{key}.safetensors"
         try:
             entry = load_file(path)
-            os.utime(path)  # recently used: evicted last
-            return entry["embeds"], entry["mask"]
+            embeds, mask = entry["embeds"], entry["mask"]
         except FileNotFoundError:
+            return None
+        except PermissionError as e:  # another user's cache: not ours to delete
+            logger.warning("prompt cache entry %s cannot be read (%s): encoding the prompt", path, e)
             return None
         except (SafetensorError, OSError, KeyError) as e:
             logger.warning("prompt cache entry %s is unreadable (%s): deleting it", path, e)
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
             return None
+        with contextlib.suppress(OSError):  # recently used: evicted last (a read-only cache still serves)
+            os.utime(path)
+        return embeds, mask
 
     def put(self, key: str, embeds: torch.Tensor, mask: torch.Tensor) -> None:
         """Store one prompt's embedding; a full disk only costs the cache entry, never the generation."""
@@ -72,7 +79,7 @@ class PromptCache:
                       str(tmp))
             os.replace(tmp, path)
             self._evict()
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # safetensors reports a write's I/O error as its own
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             logger.warning("could not write the prompt cache in %s (%s); continuing without it", self.folder, e)
@@ -81,6 +88,8 @@ class PromptCache:
         """Delete least recently used entries until the cache fits its size (other processes may race us)."""
         entries = []
         for path in self.folder.glob("*.safetensors"):
+            if not ENTRY_NAME.fullmatch(path.name):  # a file of the user's in a folder they chose: never ours
+                continue
             try:
                 stat = path.stat()
             except FileNotFoundError:
