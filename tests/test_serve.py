@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,9 @@ from PIL import Image
 
 from pixart import PixArtAlphaPipeline
 from pixart.cli import build_parser
-from pixart.serve.app import Limits, create_app, serve
+from pixart.images import resize_and_crop_tensor
+from pixart.serve.app import Limits, Server, create_app, serve
+from pixart.serve.transport import Json
 from pixart.serve.worker import _Stopped
 
 KEY = "secret"
@@ -32,7 +35,10 @@ STEPS = 2
 
 
 class GatedPipeline(PixArtAlphaPipeline):
-    """The real pipeline recording its calls; `gate` holds a call before it starts, `step_gate` each step's end."""
+    """The real pipeline recording its calls; `gate` holds a call before it starts, `step_gate` each step's end; a call
+    with the prompt `poison` among its prompts fails as an input the pipeline cannot take does."""
+
+    poison = "poison"
 
     def __init__(self, pipe: PixArtAlphaPipeline):
         super().__init__(**pipe.components)
@@ -52,6 +58,8 @@ class GatedPipeline(PixArtAlphaPipeline):
         self.calls.append(record)
         self.entered.set()
         assert self.gate.wait(30)
+        if self.poison in prompt:
+            raise ValueError(f"cannot take the prompt {self.poison!r}")
         server_callback = kwargs["callback_on_step_end"]
 
         def callback(pipe, i, t, tensors):
@@ -76,10 +84,10 @@ def pipe(pipeline_dir_512) -> PixArtAlphaPipeline:
 
 @contextmanager
 def running(app):
-    """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL."""
+    """Serve `app` as `pixart serve` does, on a free loopback port in a thread; yields (the base URL, the server)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -87,7 +95,7 @@ def running(app):
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
     finally:
         server.should_exit = True
         thread.join(10)
@@ -100,7 +108,7 @@ def server(pipe):
     gated = GatedPipeline(pipe)
     app = create_app(lambda: gated, model_name="tiny-512", api_key=KEY, max_queue=2, max_batch=4,
                      limits=Limits(max_n=4, max_steps=50, max_side=1024, max_prompt_chars=200))
-    with running(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
+    with running(app) as (url, _), httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
         wait_until(lambda: client.get("/health").status_code == 200)
         yield client, gated
 
@@ -123,6 +131,13 @@ def decode(b64: str) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(b64)))
     image.load()
     return image
+
+
+def strict_json(text: str):
+    """JSON as JSON.parse reads it: NaN and Infinity are errors."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
 
 
 def reference(pipe, prompt: str, seeds: list[int], width: int = 256, height: int = 256, negative: str = "",
@@ -266,6 +281,24 @@ def test_every_route_but_health_and_the_page_needs_the_key(server):
     ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Euler a"}, "sampler_name", "Euler is the nearest"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "DDIM Karras"}, "sampler_name", "no Karras noise levels"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "scheduler": "Exponential"}, "scheduler", "use Automatic"),
+    # fields that would change the image are not ignored
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_index": "Euler a"}, "sampler_index", "Euler is the nearest"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True}, "enable_hr", "hires fix) is not supported"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "sdxl.safetensors"}},
+     "override_settings", "serves one model, tiny-512: start another `pixart serve --model sdxl.safetensors`"),
+    ("/api/jobs", {"prompt": "x", "stpes": 2}, "stpes", "Unrecognized request argument supplied: stpes (the "
+     "arguments are prompt, negative_prompt, width, height, steps, guidance_scale, seed, n, scheduler, "
+     "guidance_interval, cache)"),
+    ("/v1/images/generations", openai_body("x", negative_promt="blurry"), "negative_promt",
+     "Unrecognized request argument supplied: negative_promt"),
+    ("/v1/images/generations", openai_body("x", background="transparent"), "background", "images are opaque"),
+    # a bool or a string is not a number
+    ("/api/jobs", {"prompt": "x", "seed": True}, "seed", "valid integer"),
+    ("/v1/images/generations", openai_body("x", num_inference_steps="2"), "num_inference_steps", "valid integer"),
+    ("/v1/images/generations", openai_body("x", guidance_scale=True), "guidance_scale", "valid number"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "steps": True}, "steps", "valid integer"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": "7"}, "cfg_scale", "valid number"),
+    ("/api/jobs", {"prompt": "x", "guidance_interval": [0.28, "5"]}, "guidance_interval", "valid number"),
 ])
 def test_bad_fields_answer_400_in_the_error_envelope_naming_the_field(server, path, body, param, says):
     client, gated = server
@@ -275,6 +308,43 @@ def test_bad_fields_answer_400_in_the_error_envelope_naming_the_field(server, pa
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["param"] == param and says in error["message"]
     assert gated.calls == []
+
+
+@pytest.mark.parametrize("path, content, param", [
+    ("/v1/images/generations", r'{"prompt": "\ud800 a blue square", "size": "256x256"}', "prompt"),
+    ("/sdapi/v1/txt2img", r'{"prompt": "x", "negative_prompt": "a \udfff b"}', "negative_prompt"),
+    ("/api/jobs", r'{"prompt": "x\ud83d"}', "prompt"),
+])
+def test_a_prompt_with_a_lone_surrogate_is_a_400_naming_it(server, path, content, param):
+    client, gated = server
+    r = client.post(path, content=content.encode(), headers={"Content-Type": "application/json"})  # valid JSON
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and "lone UTF-16 surrogate" in error["message"]
+    assert gated.calls == []
+
+
+@pytest.mark.parametrize("path, content, param", [
+    ("/api/jobs", '{"prompt": "x", "guidance_interval": [0, 1e400]}', "guidance_interval"),  # overflows to infinity
+    ("/v1/images/generations", '{"prompt": "x", "guidance_scale": NaN}', "guidance_scale"),  # Python's json reads it
+    ("/sdapi/v1/txt2img", '{"prompt": "x", "cfg_scale": -Infinity}', "cfg_scale"),
+    ("/api/jobs", '{"prompt": "x", "cache": [1e999, 2]}', "cache"),
+    ("/sdapi/v1/txt2img", '{"prompt": "x", "override_settings": {"eta_noise_seed_delta": 1e400}}',
+     "override_settings"),  # echoed in "parameters"
+])
+def test_a_number_that_is_not_finite_is_a_400_naming_the_field(server, path, content, param):
+    client, gated = server
+    r = client.post(path, content=content.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = strict_json(r.text)["error"]
+    assert error["param"] == param and "must be finite" in error["message"]
+    assert gated.calls == []
+
+
+def test_responses_are_standard_json_whatever_they_hold():
+    assert Json({"message": "caf\xe9 \ud800"}).body == rb'{"message":"caf\u00e9 \ud800"}'
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        Json({"x": float("inf")})
 
 
 def test_unknown_routes_methods_and_bad_json_answer_in_the_error_envelope(server):
@@ -311,6 +381,27 @@ def test_the_key_is_checked_before_the_body_and_a_huge_body_is_refused_unread(se
     assert metric(client, 'pixart_requests_total{route="/v1/images/generations",status="413"}') == 1
     assert bare.head("/health").status_code == 200 and bare.head("/").status_code == 200
     assert gated.calls == []
+
+
+def test_a1111_sampler_index_is_sampler_names_older_name_and_known_settings_of_no_effect_pass(server):
+    client, _ = server
+    body = {"prompt": "x", "seed": 1, "steps": 1, "width": 256, "height": 256, "enable_hr": False,
+            "override_settings": {"sd_model_checkpoint": "tiny-512", "CLIP_stop_at_last_layers": 2}}
+    shown = []
+    for fields in ({"sampler_index": "Euler"}, {"sampler_index": "Euler", "sampler_name": "DDIM"}):
+        r = client.post("/sdapi/v1/txt2img", json={**body, **fields})
+        assert r.status_code == 200, r.text
+        shown.append(json.loads(r.json()["info"])["sampler_name"])
+    assert shown == ["Euler", "DDIM"]  # sampler_name wins
+
+
+def test_openai_route_accepts_every_documented_argument(server):
+    client, _ = server
+    documented = {"model": "pixart", "quality": "high", "style": "vivid", "user": "u-1", "background": "opaque",
+                  "moderation": "low", "output_compression": 100, "output_format": "png", "partial_images": 0,
+                  "stream": False, "response_format": "b64_json", "n": 1}
+    r = client.post("/v1/images/generations", json=openai_body("x", num_inference_steps=1, **documented))
+    assert r.status_code == 200, r.text
 
 
 def test_a_request_without_sampler_gets_the_models_own_whatever_ran_before(server):
@@ -374,6 +465,48 @@ def raw_post(client: httpx.Client, path: str, body: dict) -> socket.socket:
     return sock
 
 
+def test_a_batch_that_fails_runs_its_jobs_again_alone_so_only_the_culprits_client_gets_the_error(server, pipe):
+    client, gated = server
+    gated.hold()
+    with ThreadPoolExecutor(3) as pool:
+        held = pool.submit(client.post, "/v1/images/generations", json=openai_body("held", num_inference_steps=1))
+        assert gated.entered.wait(10)
+        pair = [pool.submit(client.post, "/v1/images/generations", json=openai_body(prompt, seed=11))
+                for prompt in (gated.poison, "a cat")]
+        wait_until(lambda: metric(client, "pixart_queue_size") == 2)
+        gated.gate.set()
+        assert held.result().status_code == 200
+        bad, good = (f.result() for f in pair)
+    calls = [sorted(c["prompts"]) for c in gated.calls]
+    assert calls[:2] == [["held"], ["a cat", "poison"]] and sorted(calls[2:]) == [["a cat"], ["poison"]]
+    assert bad.status_code == 400 and bad.json()["error"]["message"] == "cannot take the prompt 'poison'"
+    assert good.status_code == 200, good.text
+    np.testing.assert_array_equal(np.asarray(decode(good.json()["data"][0]["b64_json"])),
+                                  reference(pipe, "a cat", [11])[0])
+
+
+def test_shutting_down_answers_the_running_and_waiting_requests_503_at_once(pipe):
+    gated = GatedPipeline(pipe)
+    gated.step_gate.clear()
+    with (running(create_app(lambda: gated, model_name="tiny")) as (url, server),
+          httpx.Client(base_url=url, timeout=20) as client, ThreadPoolExecutor(2) as pool):
+        wait_until(lambda: client.get("/health").status_code == 200)
+        first = pool.submit(client.post, "/v1/images/generations", json=openai_body("running"))
+        assert gated.stepped.wait(10)
+        second = pool.submit(client.post, "/v1/images/generations", json=openai_body("waiting"))
+        wait_until(lambda: metric(client, "pixart_queue_size") == 1)
+        started = time.monotonic()
+        server.should_exit = True  # what uvicorn's SIGINT handler does
+        responses = [first.result(), second.result()]
+        seconds = time.monotonic() - started
+        gated.step_gate.set()
+    for r in responses:
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+    assert seconds < 2  # not after uvicorn's graceful-shutdown timeout (5 s): then it sends empty 500s
+    wait_until(lambda: gated.calls[0]["stopped"])
+    assert [c["prompts"] for c in gated.calls] == [["running"]]
+
+
 def test_a_client_that_hangs_up_has_its_waiting_job_dropped_and_its_running_job_stopped(server):
     client, gated = server
     gated.hold()
@@ -423,7 +556,7 @@ def test_health_is_503_while_loading_then_200(pipe):
         assert loaded.wait(20)
         return pipe
 
-    with running(create_app(load, model_name="tiny")) as url:
+    with running(create_app(load, model_name="tiny")) as (url, _):
         r = httpx.get(f"{url}/health")
         assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
         assert httpx.post(f"{url}/v1/images/generations", json=openai_body("x")).status_code == 503
@@ -436,7 +569,7 @@ def sse(response: httpx.Response) -> list[tuple[str, dict]]:
     events = []
     for block in response.text.strip().split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.splitlines())
-        events.append((fields["event"], json.loads(fields["data"])))
+        events.append((fields["event"], strict_json(fields["data"])))
     return events
 
 
@@ -464,8 +597,8 @@ def test_job_events_stream_progress_then_done_and_delete_cancels(server, pipe):
     assert client.get("/api/jobs/nope/events").status_code == 404
 
 
-def test_a1111_progress_interrupt_models_and_samplers(server):
-    client, gated = server
+def test_a1111_progress_models_samplers_and_options(server):
+    client, _ = server
     idle = client.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
     assert client.get("/sdapi/v1/sd-models").json()[0]["model_name"] == "tiny-512"
@@ -476,18 +609,56 @@ def test_a1111_progress_interrupt_models_and_samplers(server):
                        ).status_code == 200
     other = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sdxl.safetensors"})
     assert other.status_code == 400 and "serves one model, tiny-512" in other.json()["error"]["message"]
+
+
+def after_first_step(pipe, prompt: str, seed: int, steps: int) -> np.ndarray:
+    """The pipeline's decoding (VAE, resize to 256x256, postprocess) of its latents after the first of `steps`."""
+    def stop(pipe, i, t, tensors):
+        raise _Stopped(tensors["latents"], i + 1)
+
+    with pytest.raises(_Stopped) as stopped:
+        pipe(prompt, num_inference_steps=steps, width=256, height=256, callback_on_step_end=stop,
+             generator=[torch.Generator().manual_seed(seed)])
+    images = resize_and_crop_tensor(pipe.decode_latents(stopped.value.latents), 256, 256)
+    return np.asarray(pipe.image_processor.postprocess(images, output_type="pil")[0])
+
+
+def test_a1111_interrupt_answers_200_with_the_image_so_far_and_spares_waiting_and_other_apis_jobs(server, pipe):
+    client, gated = server
+    body = {"prompt": "a blue square", "seed": 3, "steps": 10, "width": 256, "height": 256}
     gated.step_gate.clear()
-    with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(client.post, "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 10, "width": 256,
-                                                                  "height": 256})
+    with ThreadPoolExecutor(2) as pool:
+        job = pool.submit(client.post, "/sdapi/v1/txt2img", json=body)
         assert gated.stepped.wait(10)
         busy = client.get("/sdapi/v1/progress").json()
         assert busy["state"]["sampling_steps"] == 10 and busy["state"]["job_count"] == 1
+        waiting = pool.submit(client.post, "/sdapi/v1/txt2img", json={**body, "steps": STEPS})
+        wait_until(lambda: metric(client, "pixart_queue_size") == 1)
         assert client.post("/sdapi/v1/interrupt").status_code == 200
         gated.step_gate.set()
-        r = job.result()
-    assert r.status_code == 409 and r.json()["error"]["code"] == "interrupted"
-    assert gated.calls[-1]["steps"] == 1
+        r, later = job.result(), waiting.result()
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["interrupted"] is True and info["steps_run"] == 1 and info["steps"] == 10
+    assert gated.calls[0]["steps"] == 1 and gated.calls[0]["stopped"]
+    image = decode(r.json()["images"][0])
+    assert {k: v for k, v in json.loads(image.text["parameters"]).items() if k.startswith(("steps", "inter"))} == \
+        {"steps": 10, "steps_run": 1, "interrupted": True}
+    np.testing.assert_array_equal(np.asarray(image), after_first_step(pipe, "a blue square", 3, steps=10))
+    assert later.status_code == 200 and json.loads(later.json()["info"])["steps_run"] == STEPS  # not interrupted
+    assert json.loads(later.json()["info"])["interrupted"] is False
+
+    gated.stepped.clear()
+    gated.step_gate.clear()
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(client.post, "/v1/images/generations", json=openai_body("a red circle"))
+        assert gated.stepped.wait(10)
+        assert client.post("/sdapi/v1/interrupt").status_code == 200  # an OpenAI job is not A1111's to stop
+        gated.step_gate.set()
+        r = other.result()
+    assert r.status_code == 200 and gated.calls[-1]["steps"] == STEPS
+    np.testing.assert_array_equal(np.asarray(decode(r.json()["data"][0]["b64_json"])),
+                                  reference(pipe, "a red circle", [5])[0])
 
 
 def test_the_openai_sdk_parses_the_response(server, pipe):
@@ -504,16 +675,38 @@ def test_the_openai_sdk_parses_the_response(server, pipe):
         sdk.images.generate(prompt="x", n=5)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_serve_raises_the_load_error_and_stops(tmp_path):
-    args = build_parser().parse_args(["serve", "--model", str(tmp_path / "missing"), "--port", "0"])
+    args = build_parser().parse_args(["serve", "--model", str(tmp_path / "missing"), "--port", str(free_port())])
     with pytest.raises(FileNotFoundError, match="missing"):
         serve(args)
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--port", "99999"], "pixart serve: error: argument --port: 99999 is not a TCP port"),
+    (["--port", "PORT", "--dtype", "fp32", "--device", "cpu"], "pixart: error: "),  # with a truncated weight file
+])
+def test_pixart_serve_reports_a_bad_model_or_port_in_one_line(pipeline_dir_512, tmp_path, args, says):
+    model = tmp_path / "model"
+    shutil.copytree(pipeline_dir_512, model)
+    weights = next((model / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    args = [str(free_port()) if a == "PORT" else a for a in args]
+    proc = subprocess.run([sys.executable, "-m", "pixart", "serve", "--model", str(model), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "terminate called" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(says), proc.stderr
+    assert sum("error" in line.lower() for line in proc.stderr.splitlines()) == 1, proc.stderr
+
+
 def test_pixart_serve_command_listens_loads_and_stops_on_ctrl_c(pipeline_dir_512):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "pixart", "serve", "--model", str(pipeline_dir_512), "--port",
                              str(port), "--dtype", "fp32", "--device", "cpu", "--api-key", KEY],

@@ -1,5 +1,5 @@
 """`pixart serve`: OpenAI Images API, a subset of AUTOMATIC1111's API, job events for the web page, health, metrics
-(the layer under the routes: transport.py)."""
+(what the routes accept: bodies.py; the layer under them: transport.py; the model's thread: worker.py)."""
 from __future__ import annotations
 
 import argparse
@@ -11,29 +11,25 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Any, Callable
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, BeforeValidator, StrictFloat, StrictInt, StrictStr
 
 from ..bins import classify_height_width_bin, model_bin_table
 from ..denoise import check_guidance_interval
 from ..reuse import cache_setting
 from ..samplers import SAMPLERS
-from ..schedulers import SAMPLER_NAMES, check_karras, sampler_by_name
-from .transport import ERROR_HANDLERS, CountRequests, Gate, check_key
+from ..schedulers import SAMPLER_NAMES
+from .bodies import ImagesRequest, JobRequest, Txt2ImgRequest, parse_size, refuse_unknown, require_prompt, sampler
+from .transport import ERROR_HANDLERS, CountRequests, Gate, Json, check_key
 from .worker import ApiError, Job, Metrics, QueueFull, Settings, Worker
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks whether its client is still there
 JOB_TTL_S = 600  # finished web-page jobs are forgotten after this long
 SIZE_LABELS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))  # width:height presets, snapped to bins
-
-# null means no negative prompt, as many clients send it
-NegativePrompt = Annotated[str, BeforeValidator(lambda v: "" if v is None else v)]
-# pixart.PixArtAlphaPipeline's cache=: a preset, a threshold, or [threshold, max_reuse]; never a bool
-Cache = StrictFloat | StrictInt | StrictStr | tuple[StrictFloat | StrictInt, StrictInt | None] | None
 
 
 @dataclass(frozen=True)
@@ -45,57 +41,6 @@ class Limits:
     max_side: int = 2048
     max_prompt_chars: int = 2000
     max_body_bytes: int = 1 << 20  # a request body; prompts are short, so this is generous
-
-
-class ImagesRequest(BaseModel):
-    """OpenAI `POST /v1/images/generations`, plus PixArt's own knobs."""
-
-    prompt: str
-    n: int = 1
-    size: str | None = None
-    response_format: str = "b64_json"
-    model: str | None = None  # one model per server: accepted and ignored
-    output_format: str | None = None
-    stream: bool = False
-    negative_prompt: NegativePrompt = ""
-    seed: int | None = None
-    num_inference_steps: int = 20
-    guidance_scale: float = 4.5
-    scheduler: str | None = None
-    guidance_interval: tuple[float, float] | None = None  # pixart.PixArtAlphaPipeline's
-    cache: Cache = None
-
-
-class Txt2ImgRequest(BaseModel):
-    """AUTOMATIC1111 `POST /sdapi/v1/txt2img` (the fields PixArt has; others are ignored)."""
-
-    prompt: str = ""
-    negative_prompt: NegativePrompt = ""
-    seed: int | None = -1
-    steps: int = 20
-    cfg_scale: float = 4.5
-    width: int | None = None
-    height: int | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    sampler_name: str | None = None
-    scheduler: str | None = None  # AUTOMATIC1111 1.9's noise schedule: "Automatic" or "Karras" here
-
-
-class JobRequest(BaseModel):
-    """The web page's `POST /api/jobs`."""
-
-    prompt: str
-    negative_prompt: NegativePrompt = ""
-    width: int | None = None
-    height: int | None = None
-    steps: int = 20
-    guidance_scale: float = 4.5
-    seed: int | None = None
-    n: int = 1
-    scheduler: str | None = None
-    guidance_interval: tuple[float, float] | None = None  # pixart.PixArtAlphaPipeline's
-    cache: Cache = None
 
 
 def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None = None, max_queue: int = 32,
@@ -114,7 +59,8 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         yield
         worker.close()
 
-    app = FastAPI(title="pixart", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="pixart", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=Json)
     app.state.worker = worker
     app.add_middleware(Gate, api_key=api_key, max_body_bytes=limits.max_body_bytes,
                        routes=lambda: [*api.routes, *app.router.routes])
@@ -155,6 +101,9 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             check(len(text) <= limits.max_prompt_chars, field, f"{len(text)} characters long",
                   f"max_prompt_chars is {limits.max_prompt_chars}")
+            surrogate = re.search("[\ud800-\udfff]", text)  # JSON's "\ud800" unpaired: no character, no UTF-8
+            check(surrogate is None, field, "not Unicode text", surrogate and f"character {surrogate.start()} is a "
+                  f"lone UTF-16 surrogate, {surrogate[0]!a}: a surrogate must be half of a \\uD83D\\uDE00 pair")
         check(1 <= n <= limits.max_n, "n", n, f"it must be between 1 and max_n = {limits.max_n}")
         check(1 <= steps <= limits.max_steps, "steps", steps,
               f"it must be between 1 and max_steps = {limits.max_steps}")
@@ -177,8 +126,8 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         return Settings(prompt, negative_prompt, width, height, steps, float(guidance_scale), key,
                         tuple(seed + i for i in range(n)), guidance_interval, cache, karras)
 
-    def submit(settings: Settings) -> Job:
-        job = Job(settings, asyncio.get_running_loop())
+    def submit(settings: Settings, interruptible: bool = False) -> Job:
+        job = Job(settings, asyncio.get_running_loop(), interruptible)
         try:
             worker.submit(job)
         except QueueFull:
@@ -186,8 +135,8 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
                            code="queue_full", headers={"Retry-After": str(worker.retry_after())}) from None
         return job
 
-    async def result(job: Job, request: Request) -> list[str]:
-        """The job's images; the job is cancelled if the client goes away first."""
+    async def result(job: Job, request: Request) -> dict:
+        """The job's "done" event (images, seeds, settings); the job is cancelled if the client goes away first."""
         while not job.future.done():
             await asyncio.wait([job.future], timeout=DISCONNECT_POLL_S)
             if not job.future.done() and await request.is_disconnected():
@@ -202,12 +151,16 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
 
     @api.post("/v1/images/generations")
     async def images_generations(body: ImagesRequest, request: Request) -> dict:
+        refuse_unknown(body)
         if body.response_format != "b64_json":
             raise ApiError(400, f"response_format {body.response_format!r} is not supported: this server keeps no "
                                 "image files to link to, use b64_json", param="response_format")
         if body.output_format not in (None, "png") or body.stream:
             raise ApiError(400, "only whole PNG images are supported: leave out output_format and stream",
                            param="output_format" if body.output_format not in (None, "png") else "stream")
+        if body.background not in (None, "auto", "opaque"):
+            raise ApiError(400, f"background {body.background!r} is not supported: the images are opaque (auto or "
+                                "opaque)", param="background")
         require_prompt(body.prompt)
         width, height = parse_size(body.size)
         job = submit(make_settings(
@@ -217,30 +170,38 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
             labels={"width": "the width of size", "height": "the height of size"},
             guidance_interval=body.guidance_interval, cache=body.cache,
         ))
-        images = await result(job, request)
+        images = (await result(job, request))["images"]
         return {"created": int(time.time()), "data": [{"b64_json": b, "revised_prompt": body.prompt} for b in images]}
 
     @api.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
+        """An interrupt (/sdapi/v1/interrupt) answers 200 with the images of the steps run, as AUTOMATIC1111 does."""
         for field in ("batch_size", "n_iter"):
             if getattr(body, field) < 1:
                 raise ApiError(400, f"{field} is {getattr(body, field)}: it must be at least 1", param=field,
                                code="invalid_value")
+        if body.enable_hr:
+            raise ApiError(400, "enable_hr (the hires fix) is not supported: ask for the final width and height, "
+                                "or leave enable_hr out", param="enable_hr", code="unsupported")
+        check_checkpoint((body.override_settings or {}).get("sd_model_checkpoint"), "override_settings")
+        sampler_field = "sampler_index" if body.sampler_index and not body.sampler_name else "sampler_name"
         job = submit(make_settings(
             prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width, height=body.height,
-            steps=body.steps, guidance_scale=body.cfg_scale, scheduler=body.sampler_name,
+            steps=body.steps, guidance_scale=body.cfg_scale, scheduler=getattr(body, sampler_field),
             n=body.batch_size * body.n_iter, seed=body.seed,
-            names={"n": "batch_size", "guidance_scale": "cfg_scale", "scheduler": "sampler_name"},
+            names={"n": "batch_size", "guidance_scale": "cfg_scale", "scheduler": sampler_field},
             labels={"n": "batch_size × n_iter"}, schedule=body.scheduler,
-        ))
-        images = await result(job, request)
+        ), interruptible=True)
+        done = await result(job, request)
         s, n = job.settings, len(job.settings.seeds)
         info = {"prompt": s.prompt, "all_prompts": [s.prompt] * n, "negative_prompt": s.negative_prompt,
                 "all_negative_prompts": [s.negative_prompt] * n, "seed": s.seeds[0], "all_seeds": list(s.seeds),
                 "width": s.width, "height": s.height, "sampler_name": s.sampler_name,
                 "cfg_scale": s.guidance_scale, "steps": s.steps, "batch_size": body.batch_size,
-                "n_iter": body.n_iter, "sd_model_name": model_name}
-        return {"images": images, "parameters": body.model_dump(), "info": json.dumps(info)}
+                "n_iter": body.n_iter, "sd_model_name": model_name,
+                "interrupted": done["settings"].get("interrupted", False),
+                "steps_run": done["settings"].get("steps_run", s.steps)}
+        return {"images": done["images"], "parameters": body.model_dump(), "info": json.dumps(info)}
 
     @api.get("/sdapi/v1/progress")
     async def progress() -> dict:
@@ -281,13 +242,16 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
     async def options() -> dict:
         return {"sd_model_checkpoint": checkpoint(), "samples_format": "png"}
 
-    @api.post("/sdapi/v1/options")
-    async def set_options(body: dict) -> None:
-        """One model per server: naming it again is fine, another one is an error; other options are ignored."""
-        wanted = body.get("sd_model_checkpoint")
+    def check_checkpoint(wanted: Any, param: str) -> None:
+        """One model per server: naming it again is fine, another one is an error."""
         if wanted not in (None, checkpoint(), model_name):
             raise ApiError(400, f"this server serves one model, {checkpoint()}: start another `pixart serve --model "
-                                f"{wanted}` for {wanted!r}", param="sd_model_checkpoint", code="invalid_value")
+                                f"{wanted}` for {wanted!r}", param=param, code="invalid_value")
+
+    @api.post("/sdapi/v1/options")
+    async def set_options(body: dict) -> None:
+        """The checkpoint must be this server's; other options are ignored."""
+        check_checkpoint(body.get("sd_model_checkpoint"), "sd_model_checkpoint")
 
     @api.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -299,6 +263,7 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
         now = time.monotonic()
         for job_id in [i for i, j in jobs.items() if j.finished_at is not None and now - j.finished_at > JOB_TTL_S]:
             del jobs[job_id]
+        refuse_unknown(body)
         require_prompt(body.prompt)
         job = submit(make_settings(
             prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width, height=body.height,
@@ -324,7 +289,7 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
             try:
                 while True:
                     event, data = await queue.get()
-                    yield f"event: {event}\ndata: {json.dumps(data)}\n\n"
+                    yield f"event: {event}\ndata: {json.dumps(data, allow_nan=False)}\n\n"
                     if event != "progress":
                         return
             finally:  # the last listener going away before the end cancels the job
@@ -367,43 +332,6 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
     return app
 
 
-def sampler(name: str | None, default: str, param: str, schedule: str | None = None) -> tuple[str, bool | None]:
-    """(the SAMPLERS key, Karras noise levels or None for the config's) of a request's sampler name (any alias, any
-    case, AUTOMATIC1111's "... Karras" too; None: the model's own, `default`) and of AUTOMATIC1111's separate
-    noise `schedule` field."""
-    karras = None
-    if schedule not in (None, "", "Automatic"):
-        if schedule.lower() != "karras":
-            raise ApiError(400, f"scheduler {schedule!r} is not available: use Automatic (the model's own) or Karras",
-                           param="scheduler")
-        karras = True
-    key = default
-    try:
-        if name:
-            key, named_karras = sampler_by_name(name)
-            karras = karras or named_karras
-        if karras:
-            check_karras(key)
-    except ValueError as e:
-        raise ApiError(400, str(e), param=param) from None
-    return key, karras
-
-
-def require_prompt(prompt: str) -> None:
-    if not prompt.strip():
-        raise ApiError(400, "prompt is empty: describe the image to generate", param="prompt", code="invalid_value")
-
-
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    """OpenAI's "WxH" (or "auto"/None for the model's size) as (width, height)."""
-    if size is None or size == "auto":
-        return None, None
-    match = re.fullmatch(r"(\d+)x(\d+)", size.strip())
-    if not match:
-        raise ApiError(400, f"size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)", param="size")
-    return int(match[1]), int(match[2])
-
-
 def size_presets(table: dict[str, list[float]]) -> list[dict]:
     """The common aspect ratios snapped to the model's bins."""
     out, seen = [], set()
@@ -422,20 +350,27 @@ def find(jobs: dict[str, Job], job_id: str) -> Job:
     return jobs[job_id]
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, failing the app's waiting and running jobs (503) as soon as it begins to shut down: uvicorn
+    ends the app's lifespan only once the open requests have ended, and those wait for the worker."""
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        self.config.app.state.worker.close()
+        await super().shutdown(sockets)
+
+
 def serve(args: argparse.Namespace) -> None:
     """`pixart serve`: listen at once, load the pipeline in the background, serve until interrupted."""
-    import uvicorn
-
     from ..cli import load_pipeline
 
-    server: uvicorn.Server | None = None
+    server: Server | None = None
 
     def stop(error: BaseException) -> None:
         server.should_exit = True
 
     app = create_app(lambda: load_pipeline(args), model_name=str(args.model), api_key=args.api_key,
                      max_queue=args.max_queue, max_batch=args.max_batch, on_load_error=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))
     server.run()
     if app.state.worker.load_error is not None:
         raise app.state.worker.load_error

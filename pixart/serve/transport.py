@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
-from typing import Callable
+from typing import Any, Callable
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -26,8 +26,16 @@ def check_key(api_key: str | None, authorization: str | None) -> None:
                        type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+class Json(JSONResponse):
+    """JSON as RFC 8259 has it, whatever a request held: no NaN or Infinity (an error instead of a body that
+    JSON.parse refuses), and ASCII (a lone surrogate echoed from a request cannot break the UTF-8 encoding)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    return Json(e.body(), status_code=e.status, headers=e.headers)
 
 
 # the forms of the fields that take several, for messages
@@ -48,7 +56,10 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
         what = "the body is missing" if kind == "missing" else "the body is not a JSON object"
         return await _api_error(request, ApiError(400, f"{what}: {JSON_BODY}", code=kind))
     field = loc[0]
-    if sum(1 for err in errors if [p for p in err["loc"] if p != "body"][:1] == [field]) > 1:
+    kinds = [err["type"] for err in errors if [p for p in err["loc"] if p != "body"][:1] == [field]]
+    if "finite_number" in kinds:
+        kind, message = "finite_number", f"{field}: numbers must be finite (1e400 and up overflow to infinity)"
+    elif len(kinds) > 1:
         # a field of several forms: pydantic reports each form's complaint, none of which helps
         forms = FORMS.get(field, "one of the forms in /openapi.json")
         message = f"{field} is {json.dumps(first.get('input'))}: it must be {forms}"
@@ -107,7 +118,7 @@ class Gate:
             # the route it was meant for, for /metrics (the router, which would set it, never sees the request)
             scope["route"] = next((r for r in self.routes() if hasattr(r, "path") and r.matches(scope)[0] == Match.FULL),
                                   None)
-            return await JSONResponse(e.body(), status_code=e.status, headers=e.headers)(scope, receive, send)
+            return await Json(e.body(), status_code=e.status, headers=e.headers)(scope, receive, send)
         replayed = False
 
         async def replay():

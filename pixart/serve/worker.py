@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..images import png_info
+from ..images import png_info, resize_and_crop_tensor
 from ..schedulers import sampler_label, with_sampler
 
 logger = logging.getLogger("pixart.serve")
@@ -61,13 +61,21 @@ class Settings:
         return sampler_label(self.scheduler, self.karras)
 
 
-class Job:
-    """A request's place in the queue: its settings, its result future and its event history, owned by one loop."""
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
 
-    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop):
+
+class Job:
+    """A request's place in the queue: its settings, its result future and its event history, owned by one loop.
+
+    An `interruptible` job (AUTOMATIC1111's) is what /sdapi/v1/interrupt stops: it then finishes with the images of
+    the steps run so far. Such jobs batch only with each other, so an interrupt never reaches another API's job."""
+
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop, interruptible: bool = False):
         self.id = uuid.uuid4().hex
         self.settings = settings
         self.loop = loop
+        self.interruptible = interruptible
         self.future: asyncio.Future = loop.create_future()
         self.cancelled = False  # set from the loop, read by the worker at each step
         self.finished_at: float | None = None
@@ -79,8 +87,12 @@ class Job:
         self._call(self._post, "progress", {"step": step, "total": total}, None)
 
     def finish(self, images: list[str], settings: dict[str, Any]) -> None:
+        """Deliver the images; the future's result is the "done" event's data: images, seeds, settings."""
         done = {"images": images, "seeds": list(self.settings.seeds), "settings": settings}
-        self._call(self._post, "done", done, images)
+        self._call(self._post, "done", done, done)
+
+    def batch_key(self) -> tuple:
+        return self.interruptible, *self.settings.batch_key()
 
     def fail(self, error: ApiError) -> None:
         self._call(self._post, "error", {"message": error.message}, error)
@@ -116,7 +128,11 @@ class Job:
 
 
 class _Stopped(Exception):
-    """Raised from the step callback to abort the pipeline call."""
+    """Raised from the step callback to abort the pipeline call, with the latents of the steps run."""
+
+    def __init__(self, latents: torch.Tensor, steps: int):
+        super().__init__()
+        self.latents, self.steps = latents, steps
 
 
 class QueueFull(Exception):
@@ -215,17 +231,19 @@ class Worker:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop taking jobs; waiting jobs fail, the running batch stops at its next step."""
+        """Stop taking jobs; waiting and running jobs fail now (503), the running batch stops at its next step."""
         with self._cond:
             self._closed = True
-            for job in self.waiting:
-                job.fail(ApiError(503, "the server is shutting down", type="server_error", code="shutting_down"))
+            for job in [*self.waiting, *self.running]:
+                job.fail(shutting_down())
             self.waiting.clear()
             self._cond.notify_all()
 
     def submit(self, job: Job) -> None:
-        """Queue a job, or raise QueueFull when max_queue jobs are already waiting."""
+        """Queue a job, or raise QueueFull when max_queue jobs are already waiting (ApiError 503 once closed)."""
         with self._cond:
+            if self._closed:
+                raise shutting_down()
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull
             self.waiting.append(job)
@@ -243,8 +261,9 @@ class Worker:
         job.fail(ApiError(499, "the job was cancelled", code="cancelled"))
 
     def interrupt(self) -> None:
-        """Stop the running batch at its next step (AUTOMATIC1111's /sdapi/v1/interrupt)."""
-        self.interrupted = bool(self.running)
+        """Stop the running batch at its next step if it is AUTOMATIC1111's (/sdapi/v1/interrupt); its jobs finish
+        with the images so far. Waiting jobs are not affected, nor a batch of the other APIs."""
+        self.interrupted = any(job.interruptible for job in self.running)
 
     def retry_after(self) -> int:
         """Seconds until the queue has probably room again."""
@@ -258,9 +277,10 @@ class Worker:
             self.default_scheduler = pipe.scheduler
             self.pipe = pipe
         except Exception as e:  # noqa: BLE001 -- reported to the server, which exits
-            logger.exception("loading the pipeline failed")
             self.load_error = e
-            if self.on_load_error is not None:
+            if self.on_load_error is None:
+                logger.exception("loading the pipeline failed")
+            else:  # the server stops and reports it (`pixart serve`: one line, no traceback)
                 self.on_load_error(e)
             return
         logger.info("pipeline loaded: serving")
@@ -271,74 +291,97 @@ class Worker:
                 if self._closed:
                     return
                 batch = self._take_batch()
-                self.running, self.step, self.total = batch, 0, batch[0].settings.steps
-                self.started_at, self.interrupted = time.monotonic(), False
-            try:
-                self._run(batch)
-            finally:
-                self.running = []
+            self._run(batch)
 
     def _take_batch(self) -> list[Job]:
         """The oldest job and the compatible waiting jobs after it, up to max_batch images."""
         batch = [self.waiting.popleft()]
-        key, images = batch[0].settings.batch_key(), len(batch[0].settings.seeds)
+        key, images = batch[0].batch_key(), len(batch[0].settings.seeds)
         for job in list(self.waiting):
             n = len(job.settings.seeds)
-            if job.settings.batch_key() == key and images + n <= self.max_batch:
+            if job.batch_key() == key and images + n <= self.max_batch:
                 self.waiting.remove(job)
                 batch.append(job)
                 images += n
         return batch
 
     def _run(self, batch: list[Job]) -> None:
-        """One pipeline call for the batch: a prompt and a generator per image, so batching changes no pixel."""
+        """Run a batch; if it fails, run each of its jobs alone, so that only the job at fault gets the error."""
+        error = self._attempt(batch)
+        if error is None:
+            return
+        if len(batch) == 1 or self._closed:
+            for job in batch:
+                job.fail(error)
+            return
+        logger.warning("a batch of %d jobs failed (%s): running each alone", len(batch), error.message)
+        for job in batch:
+            if not job.cancelled:
+                self._run([job])
+
+    def _attempt(self, batch: list[Job]) -> ApiError | None:
+        """One pipeline call for the batch, its outcome delivered to its jobs; a failure is returned, undelivered."""
+        with self._cond:
+            self.running, self.step, self.total = batch, 0, batch[0].settings.steps
+            self.started_at, self.interrupted = time.monotonic(), False
+        started = time.perf_counter()
+        try:
+            images, stopped = self._generate(batch)
+        except _Stopped:
+            error = shutting_down() if self._closed else ApiError(499, "the job was cancelled", code="cancelled")
+            for job in batch:
+                job.fail(error)
+            return None
+        except ValueError as e:  # the pipeline's word on a request's values
+            return ApiError(400, str(e))
+        except Exception as e:  # noqa: BLE001 -- one failing batch must not take the worker down
+            logger.exception("generation failed")
+            return ApiError(500, f"generation failed: {e}", type="server_error")
+        finally:
+            self.running = []
+        self.metrics.observe_images(len(images), time.perf_counter() - started)
+        start = 0
+        for job in batch:
+            n, settings = len(job.settings.seeds), {**self.describe(job.settings), **stopped}
+            job.finish([png_base64(image, {**settings, "seed": seed})
+                        for image, seed in zip(images[start : start + n], job.settings.seeds)], settings)
+            start += n
+        return None
+
+    def _generate(self, batch: list[Job]) -> tuple[list, dict[str, Any]]:
+        """The batch's images from one pipeline call (a prompt and a generator per image, so batching changes no
+        pixel), and what an interrupt adds to their settings: an interrupted call's images are its latents so far."""
         first = batch[0].settings
         per_image = [(job, seed) for job in batch for seed in job.settings.seeds]
 
         def on_step(pipe, i: int, t, kwargs: dict) -> dict:
             if self._closed or self.interrupted or all(job.cancelled for job in batch):
-                raise _Stopped
+                raise _Stopped(kwargs["latents"], i + 1)
             self.step = i + 1
             for job in batch:
                 job.progress(i + 1, first.steps)
             return {}
 
         self.pipe.scheduler = with_sampler(self.default_scheduler, first.scheduler, first.karras)
-        started = time.perf_counter()
         try:
-            images = self.pipe(
+            return self.pipe(
                 [job.settings.prompt for job, _ in per_image],
                 negative_prompt=[job.settings.negative_prompt for job, _ in per_image],
                 num_inference_steps=first.steps, guidance_scale=first.guidance_scale, height=first.height,
                 width=first.width, generator=[torch.Generator().manual_seed(seed) for _, seed in per_image],
                 callback_on_step_end=on_step, guidance_interval=first.guidance_interval, cache=first.cache,
-            ).images
-        except _Stopped:
-            if self._closed:
-                error = ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
-            elif self.interrupted:
-                error = ApiError(409, "interrupted by POST /sdapi/v1/interrupt", code="interrupted")
-            else:
-                error = ApiError(499, "the job was cancelled", code="cancelled")
-            for job in batch:
-                job.fail(error)
-            return
-        except ValueError as e:
-            for job in batch:
-                job.fail(ApiError(400, str(e)))
-            return
-        except Exception as e:  # noqa: BLE001 -- one failing batch must not take the worker down
-            logger.exception("generation failed")
-            for job in batch:
-                job.fail(ApiError(500, f"generation failed: {e}", type="server_error"))
-            return
-        self.metrics.observe_images(len(images), time.perf_counter() - started)
-        start = 0
-        for job in batch:
-            n, settings = len(job.settings.seeds), self.describe(job.settings)
-            job.finish([png_base64(image, {**settings, "seed": seed})
-                        for image, seed in zip(images[start : start + n], job.settings.seeds)], settings)
-            start += n
+            ).images, {}
+        except _Stopped as stop:
+            if self._closed or not self.interrupted:
+                raise
+            return self._decode(stop.latents, first), {"interrupted": True, "steps_run": stop.steps}
+
+    def _decode(self, latents: torch.Tensor, settings: Settings) -> list:
+        """Latents part-way through sampling as PIL images of the requested size (the pipeline's steps 5 and 6)."""
+        images = self.pipe.decode_latents(latents)  # (B, 3, H, W) in [-1, 1]
+        if images.shape[-2:] != (settings.height, settings.width):  # generated at the nearest aspect-ratio bin
+            images = resize_and_crop_tensor(images, settings.width, settings.height)
+        return self.pipe.image_processor.postprocess(images, output_type="pil")
 
     def describe(self, settings: Settings) -> dict[str, Any]:
         """A job's settings as the API shows them (and the PNG chunk stores them, with the image's seed)."""
