@@ -346,9 +346,19 @@ class LoraLoaderMixin:
         self._apply_lora()
 
     def fuse_lora(self, lora_scale: float = 1.0) -> None:
-        """Merge the active adapters (times lora_scale) into the transformer's weights: no cost per step."""
-        self.lora.fused = lora_scale
-        self._apply_lora()
+        """Merge the active adapters (times lora_scale) into the transformer's weights: no cost per step. A quantized
+        transformer (integer weights) cannot take them: a ValueError, and the adapters stay as they were."""
+        if self._loaded.get("transformer") is None and self._transformer_quantization is not None:
+            raise ValueError(f"cannot fuse a LoRA into the {self._transformer_quantization} transformer this pipeline "
+                             "loads (its weights are integers): keep the LoRA unfused, or load the pipeline without "
+                             "transformer_quantization")
+        previous, self.lora.fused = self.lora.fused, lora_scale
+        try:
+            self._apply_lora()
+        except ValueError:
+            self.lora.fused = previous
+            self._apply_lora()
+            raise
 
     def unfuse_lora(self) -> None:
         """Restore the weights fuse_lora changed, exactly; the adapters stay active, unfused."""

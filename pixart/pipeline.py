@@ -98,6 +98,7 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
         self._execution_target = torch.device(device) if device is not None else None
         self._load_dtype = load_dtype or torch.float32
         self._load_dtypes: dict[str, torch.dtype] = {}  # from_pretrained's per-component dtypes
+        self._transformer_quantization: str | None = None  # what from_pretrained quantizes the transformer to
         self._target_dtype: torch.dtype | None = None
         # checked when sampling, so that a folder's unsupported scheduler can be replaced after loading
         self._scheduler = as_scheduler(scheduler if scheduler is not None else SchedulerConfig(), check=False)
@@ -235,6 +236,7 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
                    load_dtype=torch_dtype)
         pipe._name_or_path = str(pretrained_model_name_or_path)
         pipe._load_dtypes = {name: dtypes[name] for name in MODELS if dtypes[name] is not None}
+        pipe._transformer_quantization = transformer_quantization
         if prompt_cache and "text_encoder" in wanted and "tokenizer" in wanted:
             pipe.prompt_cache = prompt_cache if isinstance(prompt_cache, PromptCache) else \
                 PromptCache(None if prompt_cache is True else prompt_cache)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
+import pixart
 from pixart.configs import TransformerConfig
 from pixart.lora import (LoRALinear, inject_lora, linear_layers, lora_state_dict, remove_lora,
                          save_lora)
@@ -414,3 +416,18 @@ def test_adapter_listing_deleting_disabling_as_in_diffusers(pipeline_dir_512):
     assert pipe.get_list_adapters() == {"transformer": ["b"]}
     with pytest.raises(ValueError, match="unknown LoRA adapters \\['a'\\]"):
         pipe.delete_adapters(["a"])
+
+
+@pytest.mark.parametrize("memory", ["full", "staged"])
+def test_fusing_into_an_int8_transformer_is_refused_and_changes_nothing(pipeline_dir_512, memory):
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, transformer_quantization="int8", memory=memory)
+    pipe.set_progress_bar_config(disable=True)
+    lora = {f"transformer.transformer_blocks.0.attn1.to_q.lora_{n}.weight": torch.randn(shape) * 0.01
+            for n, shape in (("A", (4, 48)), ("B", (48, 4)))}
+    name = pipe.load_lora_weights(lora)
+    with pytest.raises(ValueError, match="cannot fuse a LoRA into"):
+        pipe.fuse_lora()
+    assert pipe.lora.fused is None  # still unfused: the adapters and generation work as before
+    pipe.set_adapters([name], [0.5])
+    out = pipe("artistic", num_inference_steps=1, height=256, width=256, output_type="np").images
+    assert np.isfinite(out).all()
