@@ -219,10 +219,12 @@ class PixArtTransformer2DModel(PretrainedModel):
     def forward(self, *args: Any, **kwargs: Any) -> "torch.Tensor | TransformerOutput":
         """Two calls. pixart's, `model(x, timestep, encoder_hidden_states, encoder_attention_mask=None,
         resolution=None, aspect_ratio=None)` → the (B, out_channels, H, W) tensor (see `predict`); it is the one
-        whose second positional argument is the (B,) or 0-dim timestep. Every other call is diffusers' (see
+        whose second positional argument is the (B,) or 0-dim timestep, or that names `x=`. Every other call is
+        diffusers' (see
         `diffusers_call`): `model(hidden_states, encoder_hidden_states=..., timestep=..., ...)` → `(sample,)`."""
         second = args[1] if len(args) > 1 else None
-        if isinstance(second, torch.Tensor) and second.dim() <= 1 and not DIFFUSERS_ONLY & kwargs.keys():
+        pixart_call = "x" in kwargs or (isinstance(second, torch.Tensor) and second.dim() <= 1)
+        if pixart_call and not DIFFUSERS_ONLY & kwargs.keys():
             return self.predict(*args, **kwargs)
         return self.diffusers_call(*args, **kwargs)
 
