@@ -11,7 +11,7 @@ import torch
 
 from . import dist
 from .compile import COMPILE_MODES
-from .components import MEMORY_MODES
+from .components import MEMORY_MODES, available_device
 from .hardware import default_device, default_dtype, set_threads
 from .prompt_cache import PromptCache
 from .quant_dynamic import DYNAMIC_QUANTIZATIONS
@@ -50,19 +50,9 @@ def lora_option(value: str) -> tuple[str, float]:
 def device_option(value: str) -> str:
     """--device: a device torch knows and this machine has (argparse type)."""
     try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"unknown device {value!r}: use cpu, cuda, cuda:1, mps ...") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise argparse.ArgumentTypeError(f"{value}: no CUDA GPU here (or this torch is a CPU build): use --device "
-                                             "cpu")
-        if device.index is not None and device.index >= count:
-            raise argparse.ArgumentTypeError(f"{value}: this machine has {count} CUDA GPU(s), cuda:0 to "
-                                             f"cuda:{count - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{value}: MPS is not available here: use --device cpu")
+        available_device(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
 

@@ -136,7 +136,7 @@ def test_an_existing_image_is_never_replaced_without_overwrite(pipeline_dir_512,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--device", "foo"], "unknown device 'foo': use cpu, cuda"),
+    (["--device", "foo"], "unknown device 'foo': use 'cpu', 'cuda'"),
     (["--width", "0"], "0 pixels: give 8 to 4096 (leave it out for the model's size)"),
     (["--height", "100000"], "100000 pixels: give 8 to 4096"),
     (["--width", "12.5"], "'12.5' is not a whole number of pixels"),
@@ -151,7 +151,7 @@ def test_a_bad_device_or_size_is_a_usage_error(args, message, capsys):
 def test_cuda_on_a_machine_without_it_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "x", "--model", "m", "--device", "cuda"])
-    assert "cuda: no CUDA GPU here (or this torch is a CPU build): use --device cpu" in capsys.readouterr().err
+    assert "device 'cuda': there is no CUDA GPU here (or this torch is a CPU build): use 'cpu'" in capsys.readouterr().err
 
 
 def test_a_port_out_of_range_is_a_usage_error(capsys):

@@ -393,3 +393,18 @@ def test_components_from_diffusers_staged_pipelines_and_from_pipe(pipes_512, pip
     assert "safety_checker=None ignored" in caplog.text
     from pixart.hardware import default_dtype
     assert auto.transformer.dtype == default_dtype("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+def test_a_device_this_machine_lacks_is_named_up_front_and_a_failed_move_changes_nothing(pipeline_dir_512):
+    message = "device 'cuda': there is no CUDA GPU here"
+    for kwargs in ({"device": "cuda"}, {"device_map": "cuda"}, {"device": "cuda", "memory": "staged"}):
+        with pytest.raises(ValueError, match=message):  # was torch's AssertionError, or a silent CPU (device_map)
+            pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512, **kwargs)
+    pipe = pixart.PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
+    with pytest.raises(ValueError, match=message):
+        pipe.to("cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        pipe.to("gpu")
+    assert pipe.device == torch.device("cpu")  # still usable
+    assert pipe("artistic", num_inference_steps=1, height=256, width=256, output_type="latent").images.shape[0] == 1
