@@ -69,7 +69,8 @@ def test_window_is_half_open_on_sigma():
     ((-1.0, 1.0), "0 <= sigma_lo < sigma_hi"),
     ((1.0,), "a pair"),
     ("0.3,5", "a pair"),
-    ((0.3, "high"), "must be numbers"),
+    ((0.3, "high"), "must be finite numbers"),
+    ((0.0, float("inf")), "must be finite numbers"),  # would be written as Infinity into the PNG's JSON
 ])
 def test_bad_interval_is_a_clear_error(pipe, interval, message):
     with pytest.raises(ValueError, match=message):
