@@ -393,6 +393,12 @@ def test_a1111_sampler_index_is_sampler_names_older_name_and_known_settings_of_n
         assert r.status_code == 200, r.text
         shown.append(json.loads(r.json()["info"])["sampler_name"])
     assert shown == ["Euler", "DDIM"]  # sampler_name wins
+    # a client without integers (JavaScript's JSON.stringify(20) is 20, but some send 20.0): whole floats are ints
+    r = client.post("/sdapi/v1/txt2img", json={**body, "steps": 1.0, "seed": 1.0, "width": 256.0})
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["steps"] == 1
+    r = client.post("/sdapi/v1/txt2img", json={**body, "steps": 1.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "steps"
 
 
 def test_openai_route_accepts_every_documented_argument(server):

@@ -10,6 +10,14 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, JsonValue, StrictBo
 from ..schedulers import check_karras, sampler_by_name
 from .worker import ApiError
 
+def _whole(value):
+    """A whole float (20.0, as a client in a language without integers sends 20) as the int it is; anything else
+    is left for StrictInt to judge (a bool or a string is not a number; 20.5 is not whole)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# an integer field: 20 or 20.0, never true, "20" or 20.5
+WholeInt = Annotated[StrictInt, BeforeValidator(_whole)]
 # null means no negative prompt, as many clients send it
 NegativePrompt = Annotated[str, BeforeValidator(lambda v: "" if v is None else v)]
 # pixart.PixArtAlphaPipeline's cache=: a preset, a threshold, or [threshold, max_reuse]; never a bool
@@ -29,7 +37,7 @@ class ImagesRequest(Body):
 
     prompt: str
     model: str | None = None  # one model per server
-    n: StrictInt = 1
+    n: WholeInt = 1
     quality: str | None = None
     response_format: str = "b64_json"
     size: str | None = None
@@ -37,13 +45,13 @@ class ImagesRequest(Body):
     user: str | None = None
     background: str | None = None
     moderation: str | None = None
-    output_compression: StrictInt | None = None
+    output_compression: WholeInt | None = None
     output_format: str | None = None
-    partial_images: StrictInt | None = None
+    partial_images: WholeInt | None = None
     stream: StrictBool = False
     negative_prompt: NegativePrompt = ""
-    seed: StrictInt | None = None
-    num_inference_steps: StrictInt = 20
+    seed: WholeInt | None = None
+    num_inference_steps: WholeInt = 20
     guidance_scale: StrictFloat = 4.5
     scheduler: str | None = None
     guidance_interval: tuple[StrictFloat, StrictFloat] | None = None  # pixart.PixArtAlphaPipeline's
@@ -57,13 +65,13 @@ class Txt2ImgRequest(Body):
 
     prompt: str = ""
     negative_prompt: NegativePrompt = ""
-    seed: StrictInt | None = -1
-    steps: StrictInt = 20
+    seed: WholeInt | None = -1
+    steps: WholeInt = 20
     cfg_scale: StrictFloat = 4.5
-    width: StrictInt | None = None
-    height: StrictInt | None = None
-    batch_size: StrictInt = 1
-    n_iter: StrictInt = 1
+    width: WholeInt | None = None
+    height: WholeInt | None = None
+    batch_size: WholeInt = 1
+    n_iter: WholeInt = 1
     sampler_name: str | None = None
     sampler_index: str | None = None  # the older name of sampler_name
     scheduler: str | None = None  # AUTOMATIC1111 1.9's noise schedule: "Automatic" or "Karras" here
@@ -76,12 +84,12 @@ class JobRequest(Body):
 
     prompt: str
     negative_prompt: NegativePrompt = ""
-    width: StrictInt | None = None
-    height: StrictInt | None = None
-    steps: StrictInt = 20
+    width: WholeInt | None = None
+    height: WholeInt | None = None
+    steps: WholeInt = 20
     guidance_scale: StrictFloat = 4.5
-    seed: StrictInt | None = None
-    n: StrictInt = 1
+    seed: WholeInt | None = None
+    n: WholeInt = 1
     scheduler: str | None = None
     guidance_interval: tuple[StrictFloat, StrictFloat] | None = None  # pixart.PixArtAlphaPipeline's
     cache: Cache = None
