@@ -22,19 +22,22 @@ def hub_options(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve(
-    path_or_id: str | os.PathLike, subfolder: str | None = None, components: list[str] | None = None, **hub_kwargs
+    path_or_id: str | os.PathLike, subfolder: str | None = None, components: list[str] | None = None,
+    variant: str | None = None, **hub_kwargs
 ) -> Path:
     """A local folder for `path_or_id` ("demo": the shipped demo model); Hub ids come from the cache, or are
     downloaded when online.
 
     Only the files we read are fetched: the configs, safetensors weights and tokenizer files of `components`
-    (or of `subfolder`, or of the whole repository)."""
+    (or of `subfolder`, or of the whole repository); with a `variant` (fp16, ...), only that variant's weights."""
     if str(path_or_id) == demo.NAME:
         if not (demo.MODEL / "model_index.json").is_file():
             raise FileNotFoundError(f"the demo model is missing from this installation ({demo.MODEL}): rebuild it with "
                                     "`python scripts/build_demo.py`")
         return demo.MODEL / subfolder if subfolder else demo.MODEL
     local = Path(path_or_id).expanduser()
+    if local.is_file():
+        raise NotADirectoryError(_file_given(local))
     if local.exists():
         return local / subfolder if subfolder else local
     repo_id = str(path_or_id)
@@ -45,7 +48,10 @@ def resolve(
 
     folders = [subfolder] if subfolder else components
     prefixes = [f"{f}/" for f in folders] if folders else [""]
-    patterns = ["model_index.json"] + [p + ext for p in prefixes for ext in ("*.json", "*.safetensors", "*.model")]
+    # a variant's weights: model.fp16.safetensors, its shards model.fp16-00001-of-00002.safetensors (and the
+    # deprecated model-00001-of-00002.fp16.safetensors); the shard index is a *.json
+    weights = [f"*.{variant}.safetensors", f"*.{variant}-*.safetensors"] if variant else ["*.safetensors"]
+    patterns = ["model_index.json"] + [p + ext for p in prefixes for ext in ("*.json", "*.model", *weights)]
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
     local_only = bool(hub_kwargs.pop("local_files_only", False))
 
@@ -74,3 +80,14 @@ def resolve(
                 "on a machine that has it and copy the folder here, then pass its path"
             ) from None
     return folder / subfolder if subfolder else folder
+
+
+def _file_given(path: Path) -> str:
+    """Why a file is not a model, and what to pass instead."""
+    folder = f"pass the folder that holds it ({path.parent}) or a Hub id"
+    if path.suffix not in (".safetensors", ".pth", ".pt", ".bin", ".ckpt"):
+        return f"{path} is a file, not a model folder: {folder}"
+    return (f"{path} is a weight file, not a model folder: from_pretrained reads a diffusers folder (config.json "
+            f"next to the weights) or a Hub id. Fix: {folder}; for a single PixArt transformer checkpoint, load it "
+            f"with `transformer = PixArtTransformer2DModel.from_single_file({str(path)!r})`, then "
+            "`PixArtAlphaPipeline.from_pretrained(<a pipeline folder or Hub id>, transformer=transformer)`")

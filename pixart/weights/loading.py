@@ -94,17 +94,17 @@ class PretrainedModel(nn.Module):
     ):
         """Load from a model folder (or a pipeline folder + subfolder, or a Hub id; Hub keywords as diffusers'); other
         keywords override config fields."""
-        folder, torch_dtype = cls.locate(path_or_id, subfolder, torch_dtype, kwargs)
+        folder, torch_dtype = cls.locate(path_or_id, subfolder, torch_dtype, kwargs, variant)
         folder, config, tensors = cls.read_folder(folder, variant, kwargs)
         return cls.from_state(config, tensors, str(folder), torch_dtype, device)
 
     @staticmethod
     def locate(path_or_id: str | os.PathLike, subfolder: str | None, torch_dtype: torch.dtype | None,
-               kwargs: dict[str, Any]) -> tuple[Path, torch.dtype | None]:
-        """from_pretrained's model folder and dtype, taking the Hub keywords and `dtype=` out of `kwargs` (what stays
-        overrides config fields)."""
+               kwargs: dict[str, Any], variant: str | None = None) -> tuple[Path, torch.dtype | None]:
+        """from_pretrained's model folder (for a Hub id: with `variant`'s weights only) and dtype, taking the Hub
+        keywords and `dtype=` out of `kwargs` (what stays overrides config fields)."""
         torch_dtype = dtype_keyword(torch_dtype, kwargs)
-        return resolve(path_or_id, subfolder, **hub_options(kwargs)), torch_dtype
+        return resolve(path_or_id, subfolder, variant=variant, **hub_options(kwargs)), torch_dtype
 
     @classmethod
     def load_config(cls, path_or_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> Any:
