@@ -16,7 +16,7 @@ from .configs import SchedulerConfig, TransformerConfig, VAEConfig, read_json
 from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
 from .samplers import SAMPLERS
-from .weights.files import lazy_tensors, weight_files
+from .weights.files import lazy_tensors, weight_files, weight_names
 
 logger = logging.getLogger("pixart")
 
@@ -198,9 +198,22 @@ def read_config(name: str, folder: Path) -> Any:
     return None
 
 
-def load_vae(folder: Path, dtype: torch.dtype | None, device: torch.device) -> AutoencoderKL:
+def component_variant(name: str, folder: Path, variant: str | None) -> str | None:
+    """The variant to load component `name` in: `variant` where its folder has it; else (as diffusers) its default
+    weights, with a warning; a pipeline without that variant anywhere is the model loader's error."""
+    if variant is None or any((folder / n).is_file() for n in weight_names(variant)):
+        return variant
+    if not any((folder / n).is_file() for n in weight_names()):
+        return variant  # neither: the loader names what the folder holds
+    logger.warning("%s has no %r variant: loading its default weights (as diffusers does)", name, variant)
+    return None
+
+
+def load_vae(folder: Path, dtype: torch.dtype | None, device: torch.device,
+             variant: str | None = None) -> AutoencoderKL:
     """The VAE in `dtype`, except fp16 when its config asks for upcasting (fp16 decoding overflows to NaN)."""
-    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=None if dtype == torch.float16 else dtype, device=device)
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=None if dtype == torch.float16 else dtype, device=device,
+                                        variant=variant)
     if dtype == torch.float16 and not vae.config.force_upcast:
         vae = vae.to(dtype)
     return vae

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .bins import classify_height_width_bin, model_bin_table
 from .compile import is_compiled
 from .components import (COMPONENTS, MODELS, Component, ModelPlacement, adopt, choose_memory, component_dtypes,
-                         component_folders, device_from, is_available, load_scheduler, load_vae, module_device,
+                         component_folders, component_variant, device_from, is_available, load_scheduler, load_vae, module_device,
                          module_dtype, read_config, running)
 from .configs import ConfigDict, SchedulerConfig
 from .cuda_graphs import GraphedForward
@@ -214,15 +214,17 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
         memory = choose_memory(memory, subfolders, torch_dtype or torch.float32, device)
         load_device = torch.device("cpu") if memory == "offload" else device
 
+        variants = {name: component_variant(name, subfolders[name], variant) for name in MODELS if name in wanted}
         makers: dict[str, Callable[[Path], Any]] = {
             "tokenizer": T5Tokenizer.from_pretrained,
             "text_encoder": lambda p: T5EncoderModel.from_pretrained(p, torch_dtype=dtypes["text_encoder"],
                                                                      device=load_device,
-                                                                     variant=variant,
+                                                                     variant=variants["text_encoder"],
                                                                      quantization=text_encoder_quantization),
-            "vae": lambda p: load_vae(p, dtypes["vae"], load_device),
+            "vae": lambda p: load_vae(p, dtypes["vae"], load_device, variants["vae"]),
             "transformer": lambda p: PixArtTransformer2DModel.from_pretrained(p, torch_dtype=dtypes["transformer"],
-                                                                              device=load_device, variant=variant,
+                                                                              device=load_device,
+                                                                              variant=variants["transformer"],
                                                                               quantization=transformer_quantization),
             "scheduler": load_scheduler,
         }

@@ -316,6 +316,28 @@ def test_pipeline_saved_with_a_sharded_variant_loads_with_it(pipeline_dir_512, t
     assert_same_weights(pipe.transformer, reference.transformer)
 
 
+def test_a_pipeline_variant_that_only_some_components_have_loads_the_others_default_weights(
+        pipeline_dir_512, tmp_path, caplog):
+    """As diffusers: with variant="fp16", the transformer's fp16 files; the text encoder and VAE, which have none,
+    their default ones (a warning names them)."""
+    from diffusers import PixArtTransformer2DModel as Reference
+
+    import pixart
+
+    folder = copy_folder(pipeline_dir_512, tmp_path)
+    other = Reference.from_pretrained(folder, subfolder="transformer")
+    with torch.no_grad():
+        other.proj_out.weight.add_(1.0)  # the variant's weights differ from the default ones
+    other.save_pretrained(folder / "transformer", variant="fp16")
+    with caplog.at_level("WARNING", logger="pixart"):
+        pipe = pixart.PixArtAlphaPipeline.from_pretrained(folder, variant="fp16")
+    assert_same_weights(pipe.transformer, other)
+    assert "text_encoder has no 'fp16' variant: loading its default weights" in caplog.text
+    assert "vae has no 'fp16' variant" in caplog.text
+    default = pixart.PixArtAlphaPipeline.from_pretrained(folder)
+    assert not torch.equal(default.transformer.proj_out.weight, pipe.transformer.proj_out.weight)
+
+
 def test_missing_variant_says_which_and_how_to_fix(t5_folder):
     folder, _, _ = t5_folder
     with pytest.raises(WeightsError, match=r"(?s)no 'fp16' variant of the weights in .*it holds: config\.json, "
