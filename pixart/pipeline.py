@@ -30,7 +30,8 @@ from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
 from .prompt_cache import PromptCache, fingerprint
 from .reuse import StepCache, cache_setting
-from .samplers import make_timesteps, randn_tensor, sample
+from .samplers import make_timesteps, randn_tensor
+from .steppers import sample
 from .saving import absent_components, pipeline_index, save_pipeline
 from .schedulers import as_scheduler
 from .tokenizer import T5Tokenizer

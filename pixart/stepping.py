@@ -8,7 +8,7 @@
         noise = ...  # the transformer's ε (its first 4 channels), guided
         latents = pipe.scheduler.step(noise, t, latents).prev_sample
 
-The update is pixart.samplers' Stepper, the same one `pipe(...)` samples with, so such a loop gives the pipeline's
+The update is pixart.steppers' Stepper, the same one `pipe(...)` samples with, so such a loop gives the pipeline's
 images. The run's state lives beside the config, outside its fields: equality, hashing and saving ignore it.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ class SchedulerSteps:
             return run.stepper.init_noise_sigma
         if self.class_name != "EulerDiscreteScheduler":
             return 1.0
-        from .samplers import Euler
+        from .steppers import Euler
 
         return Euler(self, self.timesteps.float()).init_noise_sigma
 
@@ -89,7 +89,8 @@ class SchedulerSteps:
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: list[int] | None = None, **options: Any) -> None:
         """Start a run of `num_inference_steps` steps (or the given `timesteps`), as diffusers' set_timesteps."""
-        from .samplers import SAMPLERS, check_config, make_timesteps
+        from .samplers import check_config, make_timesteps
+        from .steppers import STEPPERS
 
         unsupported = {k: v for k, v in options.items() if v is not None}
         if unsupported:
@@ -97,7 +98,7 @@ class SchedulerSteps:
                             "num_inference_steps or timesteps")
         check_config(self)
         steps = make_timesteps(self, num_inference_steps, timesteps)
-        self.__dict__["_run"] = _Run(SAMPLERS[self.class_name](self, steps), None if device is None else
+        self.__dict__["_run"] = _Run(STEPPERS[self.class_name](self, steps), None if device is None else
                                      torch.device(device))
         self.__dict__["_step"] = None
 

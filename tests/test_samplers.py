@@ -7,7 +7,8 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
 
 from pixart.configs import SchedulerConfig
-from pixart.samplers import SAMPLERS, make_timesteps, noise_schedule, randn_tensor, sample
+from pixart.samplers import SAMPLERS, make_timesteps, noise_schedule, randn_tensor
+from pixart.steppers import sample
 
 # PixArt-α's scheduler_config.json (DPM-Solver++ 2M) and PixArt-LCM-XL-2-1024-MS's (LCM).
 PIXART_DPM = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
