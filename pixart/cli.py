@@ -11,8 +11,8 @@ import torch
 
 from . import dist
 from .compile import COMPILE_MODES
-from .components import MEMORY_MODES, available_device
-from .hardware import default_device, default_dtype, set_threads
+from .components import MEMORY_MODES
+from .hardware import available_device, default_device, default_dtype, set_threads
 from .prompt_cache import PromptCache
 from .quant_dynamic import DYNAMIC_QUANTIZATIONS
 from .reuse import PRESETS, cache_setting

@@ -13,6 +13,7 @@ import torch
 
 from .compile import compile_model
 from .configs import SchedulerConfig, TransformerConfig, VAEConfig, read_json
+from .hardware import available_device
 from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
 from .samplers import SAMPLERS
@@ -136,38 +137,6 @@ class Held:
         if self.module is None:
             self.module = self.stack.enter_context(running(self.pipe, self.name))
         return self.module
-
-
-def available_device(device: str | torch.device) -> torch.device:
-    """`device` as a torch.device, checked to exist on this machine (ValueError naming it and the fix)."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:1', 'mps' ...") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"device {str(device)!r}: there is no CUDA GPU here (or this torch is a CPU build): "
-                             "use 'cpu'")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), cuda:0 to "
-                             f"cuda:{count - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {str(device)!r}: MPS is not available here: use 'cpu'")
-    return device
-
-
-def device_from(device: str | torch.device | None, device_map: str | None) -> torch.device:
-    """`device`, or diffusers' device_map ("auto"/"balanced" mean the GPU when there is one; "cuda" needs one)."""
-    if device is not None:
-        return available_device(device)
-    if device_map == "cuda":
-        return available_device("cuda")
-    if device_map in ("auto", "balanced"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device_map not in (None, "cpu"):
-        raise ValueError(f"device_map {device_map!r} is not supported: use 'auto', 'cpu', 'cuda' or device=...")
-    return torch.device("cpu")
 
 
 def component_folders(folder: Path, wanted: list[str]) -> dict[str, Path]:

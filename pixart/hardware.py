@@ -1,4 +1,4 @@
-"""What the machine we run on is good at: the default device and compute dtype."""
+"""What the machine we run on is good at: the default device and compute dtype; which devices it has."""
 from __future__ import annotations
 
 import contextlib
@@ -143,3 +143,35 @@ def give_back_freed_memory() -> None:
     PIXART_KEEP_FREED_MEMORY=0."""
     if not _Malloc.off():
         _Malloc.libc().malloc_trim(0)
+
+
+def available_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, checked to exist on this machine (ValueError naming it and the fix)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:1', 'mps' ...") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: there is no CUDA GPU here (or this torch is a CPU build): "
+                             "use 'cpu'")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available here: use 'cpu'")
+    return device
+
+
+def device_from(device: str | torch.device | None, device_map: str | None) -> torch.device:
+    """`device`, or diffusers' device_map ("auto"/"balanced" mean the GPU when there is one; "cuda" needs one)."""
+    if device is not None:
+        return available_device(device)
+    if device_map == "cuda":
+        return available_device("cuda")
+    if device_map in ("auto", "balanced"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device_map not in (None, "cpu"):
+        raise ValueError(f"device_map {device_map!r} is not supported: use 'auto', 'cpu', 'cuda' or device=...")
+    return torch.device("cpu")

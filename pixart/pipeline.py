@@ -15,13 +15,13 @@ from tqdm.auto import tqdm
 from .bins import classify_height_width_bin, model_bin_table
 from .compile import is_compiled
 from .components import (COMPONENTS, MODELS, Component, ModelPlacement, adopt, choose_memory, component_dtypes,
-                         component_folders, component_variant, device_from, is_available, load_scheduler, load_vae, module_device,
+                         component_folders, component_variant, is_available, load_scheduler, load_vae, module_device,
                          module_dtype, read_config, running)
 from .configs import ConfigDict, SchedulerConfig
 from .cuda_graphs import GraphedForward
 from .denoise import check_guidance_interval, guidance_window, model_function, noise_level
 from .encoding import PromptEncoding
-from .hardware import default_dtype, give_back_freed_memory, keep_freed_memory
+from .hardware import default_dtype, device_from, give_back_freed_memory, keep_freed_memory
 from .images import ImageProcessor, numpy_to_pil, resize_and_crop_tensor
 from .inputs import check_call, micro_conditions, whole_number
 from .lora import Adapters, LoraLoaderMixin
