@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .bins import classify_height_width_bin, model_bin_table
 from .images import OUTPUT_TYPES
 
 
@@ -54,6 +55,31 @@ def whole_number(value: Any) -> int | None:
     if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
         return int(value)
     return None
+
+
+def requested_pixels(name: str, value: Any) -> int:
+    """A requested height or width as an int (a NumPy integer or 512.0 too), checked."""
+    pixels = whole_number(value)
+    if pixels is None or pixels < 8:
+        raise ValueError(f"{name} must be a whole number of pixels >= 8, got {value!r}")
+    return pixels
+
+
+def generation_size(cfg, vae_scale_factor: int, height: int, width: int, binning: bool) -> tuple[int, int]:
+    """The size a transformer of config `cfg` generates at: the nearest aspect-ratio bin, or the request itself
+    (a multiple of the VAE factor × patch size, 16 px)."""
+    if binning:
+        return classify_height_width_bin(height, width, model_bin_table(cfg.sample_size, vae_scale_factor,
+                                                                        cfg.patch_size))
+    multiple = vae_scale_factor * cfg.patch_size
+    if height % multiple or width % multiple:
+        fix_h, fix_w = (round(v / multiple) * multiple or multiple for v in (height, width))
+        raise ValueError(
+            f"height and width must be multiples of {multiple} pixels (VAE factor {vae_scale_factor} × "
+            f"patch size {cfg.patch_size}) without resolution binning, got {height}x{width}: "
+            f"use {fix_h}x{fix_w}, or use_resolution_binning=True"
+        )
+    return height, width
 
 
 def embeddings_with_mask(embeds, mask, name: str, channels: int | None = None,

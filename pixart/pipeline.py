@@ -12,7 +12,6 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .bins import classify_height_width_bin, model_bin_table
 from .compile import is_compiled
 from .components import (COMPONENTS, MODELS, Component, ModelPlacement, adopt, choose_memory, component_dtypes,
                          component_folders, component_variant, is_available, load_scheduler, load_vae, module_device,
@@ -23,7 +22,7 @@ from .denoise import check_guidance_interval, guidance_window, model_function, n
 from .encoding import PromptEncoding
 from .hardware import default_dtype, device_from, give_back_freed_memory, keep_freed_memory
 from .images import ImageProcessor, numpy_to_pil, resize_and_crop_tensor
-from .inputs import check_call, micro_conditions, whole_number
+from .inputs import check_call, generation_size, micro_conditions, requested_pixels
 from .lora import Adapters, LoraLoaderMixin
 from .models.t5 import T5EncoderModel
 from .models.transformer import PixArtTransformer2DModel
@@ -340,10 +339,10 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
                     num_images_per_prompt, callback_on_step_end_tensor_inputs, guidance_scale)
         num_images_per_prompt, callback_steps = int(num_images_per_prompt), int(callback_steps)
         cfg = self.model_config("transformer")
-        height, width = (self._pixels(name, value or cfg.sample_size * self.vae_scale_factor)
+        height, width = (requested_pixels(name, value or cfg.sample_size * self.vae_scale_factor)
                          for name, value in (("height", height), ("width", width)))
         orig_height, orig_width = height, width
-        height, width = self._generation_size(cfg, height, width, use_resolution_binning)
+        height, width = generation_size(cfg, self.vae_scale_factor, height, width, use_resolution_binning)
 
         # 1. Encode the prompts; guidance puts the negative half first: [uncond, cond]
         guidance = guidance_scale > 1.0
@@ -411,29 +410,6 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
                 images = resize_and_crop_tensor(images, orig_width, orig_height)
             images = self.image_processor.postprocess(images, output_type=output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
-
-    @staticmethod
-    def _pixels(name: str, value: Any) -> int:
-        """A requested height or width as an int (a NumPy integer or 512.0 too), checked."""
-        pixels = whole_number(value)
-        if pixels is None or pixels < 8:
-            raise ValueError(f"{name} must be a whole number of pixels >= 8, got {value!r}")
-        return pixels
-
-    def _generation_size(self, cfg, height: int, width: int, binning: bool) -> tuple[int, int]:
-        """The size the model generates at: the nearest aspect-ratio bin, or the request (multiples of 16)."""
-        if binning:
-            return classify_height_width_bin(height, width, model_bin_table(cfg.sample_size, self.vae_scale_factor,
-                                                                            cfg.patch_size))
-        multiple = self.vae_scale_factor * cfg.patch_size
-        if height % multiple or width % multiple:
-            fix_h, fix_w = (round(v / multiple) * multiple or multiple for v in (height, width))
-            raise ValueError(
-                f"height and width must be multiples of {multiple} pixels (VAE factor {self.vae_scale_factor} × "
-                f"patch size {cfg.patch_size}) without resolution binning, got {height}x{width}: "
-                f"use {fix_h}x{fix_w}, or use_resolution_binning=True"
-            )
-        return height, width
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
