@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import re
+import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -372,8 +374,23 @@ def serve(args: argparse.Namespace) -> None:
                      max_queue=args.max_queue, max_batch=args.max_batch, on_load_error=stop)
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=5))
     server.run()
-    if app.state.worker.load_error is not None:
-        raise app.state.worker.load_error
+    worker = app.state.worker
+    if worker.load_error is not None:
+        raise worker.load_error
+    # torch must not be inside a step while the interpreter ends (std::terminate: an abort, exit 134): the closed
+    # worker stops at the end of its step; loading cannot be stopped, and has nothing to keep, so we leave it
+    worker.close()
+    if worker.loading:
+        print("pixart: interrupted while loading the model", file=sys.stderr, flush=True)
+        os._exit(130)
+    try:
+        if not worker.join(1.0):
+            print("pixart: stopping at the end of the running step (Ctrl-C again to quit now)", file=sys.stderr,
+                  flush=True)
+            worker.join()
+    except KeyboardInterrupt:
+        print("pixart: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
     # run() returns only once a signal stopped it: exit as interrupted (130) ourselves rather than rely on uvicorn
     # re-raising the signal (under a loaded machine it once returned normally, exit 0)
     raise KeyboardInterrupt

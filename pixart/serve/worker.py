@@ -239,6 +239,16 @@ class Worker:
             self.waiting.clear()
             self._cond.notify_all()
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker thread to end (after close(): at the end of the running step); whether it has."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def loading(self) -> bool:
+        return self.pipe is None and self.load_error is None
+
     def submit(self, job: Job) -> None:
         """Queue a job, or raise QueueFull when max_queue jobs are already waiting (ApiError 503 once closed)."""
         with self._cond:
