@@ -139,7 +139,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
         default_size = pipe.default_size
         jobs = [replace(j, width=j.width or default_size, height=j.height or default_size) for j in jobs]
         if from_file:
-            _check_existing(jobs, paths, args.model, pipe.dtype, speed_options(args))
+            _check_existing(jobs, paths, args.model, pipe.dtype, recorded_options(args))
         size = args.batch_size or (1 if from_file else min(args.num_images, DEFAULT_BATCH))
         mine = batches(jobs, size)[dist.rank()::dist.world_size()]
         # Resume: a batch is skipped only when all of it exists; rerunning a partial one keeps its images bit-identical
@@ -151,7 +151,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
             summary += f" ({len(jobs) - written} already there; manifest {args.outdir / 'manifest.jsonl'})"
             if dist.rank() == 0:
                 _write_manifest(args.outdir / "manifest.jsonl", jobs, paths, args.model, pipe.dtype,
-                                speed_options(args))
+                                recorded_options(args))
         processes = f" x {dist.world_size()} processes" if dist.world_size() > 1 else ""
         dist.print0(f"loaded in {loaded - started:.1f} s, {summary} in {time.perf_counter() - loaded:.1f} s on "
                     f"{pipe.device}{processes} in {str(pipe.dtype).removeprefix('torch.')}", file=sys.stderr)
@@ -164,7 +164,7 @@ def _generate_batches(pipe, mine: list[list[Job]], paths: list[Path], args: argp
     quiet = args.quiet or dist.rank() != 0
     pipe.set_progress_bar_config(disable=quiet or skip_existing)  # many prompts: one bar over images, not steps
     bar = tqdm(total=sum(map(len, mine)), unit="image", disable=quiet or not skip_existing)
-    written, options, model_scheduler = 0, speed_options(args), pipe.scheduler
+    written, options, recorded, model_scheduler = 0, speed_options(args), recorded_options(args), pipe.scheduler
     for batch in mine:
         first = batch[0]
         pipe.scheduler = with_sampler(model_scheduler, *first.sampler) if first.sampler else model_scheduler
@@ -179,7 +179,7 @@ def _generate_batches(pipe, mine: list[list[Job]], paths: list[Path], args: argp
             path = paths[job.index]
             if skip_existing and path.exists():
                 continue
-            _save_atomic(image, path, png_info(_settings(job, args.model, pipe.dtype, options)))
+            _save_atomic(image, path, png_info(_settings(job, args.model, pipe.dtype, recorded)))
             written += 1
             if not skip_existing:
                 print(f"wrote {path} (seed {job.seed})")
@@ -215,6 +215,7 @@ def _plan_run(args: argparse.Namespace) -> tuple[list[Job], list[Path]]:
         for path in paths:
             if path.is_dir():
                 raise ValueError(f"{path} is a folder: give -o a .png file path")
+        _check_exact_sizes(jobs, args)
         existing = [path for path in paths if path.exists()]
         if existing and not args.overwrite:
             names = ", ".join(map(str, existing[:3])) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
@@ -226,6 +227,7 @@ def _plan_run(args: argparse.Namespace) -> tuple[list[Job], list[Path]]:
         raise ValueError("--seed -1 (random) goes with one prompt; with --prompts the seeds start at --seed (default 0) "
                          "so that a run can be resumed")
     jobs = plan(read_prompts(args.prompts), args, args.seed or 0)
+    _check_exact_sizes(jobs, args)
     try:
         args.outdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -235,9 +237,32 @@ def _plan_run(args: argparse.Namespace) -> tuple[list[Job], list[Path]]:
     return jobs, [args.outdir / f"{j.index:05d}-{_slug(j.prompt)}.png" for j in jobs]
 
 
+def _check_exact_sizes(jobs: list[Job], args: argparse.Namespace) -> None:
+    """With --no-binning the model generates at the size asked: a multiple of 16 px (VAE factor 8 × patch 2)."""
+    if not args.no_binning:
+        return
+    for job in jobs:
+        if (job.width or 16) % 16 or (job.height or 16) % 16:
+            fix = "x".join(str(round((v or 16) / 16) * 16 or 16) for v in (job.width, job.height))
+            raise ValueError(f"with --no-binning, --width and --height must be multiples of 16, got {job.width}x"
+                             f"{job.height} (image {job.index}): use {fix}, or leave out --no-binning")
+
+
 def _slug(prompt: str) -> str:
     """A file-name-safe start of the prompt."""
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:40].strip("-") or "image"
+
+
+def recorded_options(args: argparse.Namespace) -> dict:
+    """Every option of the run that changes the pixels besides a job's own settings, as each PNG and the manifest
+    record it (and a resumed run checks it): the speed options, and the load and text options that differ from
+    their defaults (a LoRA and its weight, another transformer file, quantization, no binning, ...)."""
+    options = {"transformer": str(args.transformer) if args.transformer else None,
+               "lora": [[str(path), scale] for path, scale in args.lora] or None,
+               "quantize_transformer": args.quantize_transformer, "quantize_text_encoder": args.quantize_text_encoder,
+               "binning": False if args.no_binning else None, "clean_caption": False if args.no_clean_caption else None,
+               "max_sequence_length": args.max_sequence_length if args.max_sequence_length != 120 else None}
+    return {**speed_options(args), **{k: v for k, v in options.items() if v is not None}}
 
 
 def _settings(job: Job, model: str, dtype: torch.dtype, options: dict) -> dict:

@@ -67,7 +67,8 @@ def test_bad_size_without_binning_is_a_clear_error(pipeline_dir_512, tmp_path, c
     code = main(["generate", "x", "--model", str(pipeline_dir_512), "-o", str(tmp_path / "x.png"), "--no-binning",
                  "--width", "100", "--height", "128", "--quiet", "--dtype", "fp32"])
     assert code == 2
-    assert "multiples of 16" in capsys.readouterr().err
+    assert "with --no-binning, --width and --height must be multiples of 16, got 100x128 (image 0): use 96x128, or " \
+           "leave out --no-binning" in capsys.readouterr().err  # the flags, not the pipeline's keyword
     assert not (tmp_path / "x.png").exists()
 
 
@@ -216,3 +217,25 @@ def test_int4_on_a_model_its_groups_do_not_divide_names_the_fixes():
     with pytest.raises(ValueError, match=r"quantize it to int8 instead \(--quantize-text-encoder int8\), or "
                                          r"QuantSpec\(4, 32\) in Python"):
         Int4Linear(96, 8, 128)
+
+
+def test_a_lora_or_quantization_is_recorded_and_a_resume_with_other_ones_stops(pipeline_dir_512, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "style.safetensors"
+    save_file({f"transformer.transformer_blocks.0.attn1.to_q.lora_{n}.weight": torch.randn(shape) * 0.1
+               for n, shape in (("A", (4, 48)), ("B", (48, 4)))}, lora)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    common = ["generate", "--prompts", str(prompts), "--outdir", str(tmp_path / "out"), "--model",
+              str(pipeline_dir_512), "--steps", "1", "--width", "128", "--height", "128", "--dtype", "fp32", "--quiet"]
+    assert main([*common, "--lora", f"{lora}:0.5"]) == 0
+    image = next((tmp_path / "out").glob("*.png"))
+    assert json.loads(Image.open(image).text["parameters"])["lora"] == [[str(lora), 0.5]]
+    manifest = json.loads((tmp_path / "out" / "manifest.jsonl").read_text())
+    assert manifest["lora"] == [[str(lora), 0.5]]
+    capsys.readouterr()
+    for other in ([], ["--lora", f"{lora}:0.3"], ["--lora", f"{lora}:0.5", "--quantize-transformer", "int8"]):
+        assert main([*common, *other]) == 2  # was: "generated 0 image(s)", the old images kept as this run's
+        assert "was made with other settings" in capsys.readouterr().err
+    assert main([*common, "--lora", f"{lora}:0.5"]) == 0  # the same run resumes
