@@ -5,13 +5,14 @@ from .models.t5 import T5EncoderModel
 from .models.transformer import PixArtTransformer2DModel
 from .models.vae import AutoencoderKL
 from .pipeline import ImagePipelineOutput, PixArtAlphaPipeline
-from .schedulers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
+from .schedulers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                         EulerDiscreteScheduler, LCMScheduler)
 from .tokenizer import T5Tokenizer
 from .weights.files import WeightsError
 
 __all__ = [
     "ASPECT_RATIO_1024_BIN", "ASPECT_RATIO_256_BIN", "ASPECT_RATIO_512_BIN", "AutoencoderKL", "DDIMScheduler",
-    "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "ImagePipelineOutput", "LCMScheduler", "PRESETS",
-    "PixArtAlphaPipeline", "PixArtTransformer2DModel", "SchedulerConfig", "T5Config", "T5EncoderModel", "T5Tokenizer",
+    "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "ImagePipelineOutput",
+    "LCMScheduler", "PRESETS", "PixArtAlphaPipeline", "PixArtTransformer2DModel", "SchedulerConfig", "T5Config", "T5EncoderModel", "T5Tokenizer",
     "TransformerConfig", "VAEConfig", "WeightsError",
 ]

@@ -320,6 +320,7 @@ CLASS_FIELDS = {
     "DDIMScheduler": ("thresholding", "clip_sample", "clip_sample_range", "set_alpha_to_one"),
     "EulerDiscreteScheduler": ("final_sigmas_type", *_SIGMAS, "interpolation_type", "timestep_type", "sigma_min",
                                "sigma_max"),
+    "EulerAncestralDiscreteScheduler": (),
     "LCMScheduler": ("thresholding", "clip_sample", "clip_sample_range", "set_alpha_to_one", "original_inference_steps",
                      "timestep_scaling"),
 }

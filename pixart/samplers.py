@@ -37,7 +37,8 @@ SUPPORTED_OPTIONS = {
 }
 F64 = torch.float64
 # the diffusers scheduler classes pixart samples with (pixart.steppers.STEPPERS has an update rule for each)
-SAMPLERS = ("DPMSolverMultistepScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "LCMScheduler")
+SAMPLERS = ("DPMSolverMultistepScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+            "LCMScheduler")
 
 
 def check_config(config: SchedulerConfig) -> None:
@@ -55,6 +56,9 @@ def check_config(config: SchedulerConfig) -> None:
         if getattr(config, name) not in values:
             raise ValueError(f"{config.class_name} option {name}={getattr(config, name)!r} is not supported "
                              f"by pixart's samplers (supported: {', '.join(map(repr, values))})")
+    if config.class_name == "EulerAncestralDiscreteScheduler" and config.prediction_type == "sample":
+        raise ValueError("EulerAncestralDiscreteScheduler option prediction_type='sample' is not supported (nor by "
+                         "diffusers): use epsilon or v_prediction")
     _check_ranges(config)
 
 
@@ -253,8 +257,8 @@ def _lcm_timesteps(config: SchedulerConfig, num: int) -> torch.Tensor:
 def _custom_timesteps(config: SchedulerConfig, timesteps: Sequence[int]) -> torch.Tensor:
     """Validate and convert user timesteps as the scheduler's set_timesteps(timesteps=...) does."""
     name = config.class_name
-    if name == "DDIMScheduler":
-        raise ValueError("DDIMScheduler does not support custom timesteps: pass num_inference_steps")
+    if name in ("DDIMScheduler", "EulerAncestralDiscreteScheduler"):
+        raise ValueError(f"{name} does not support custom timesteps: pass num_inference_steps")
     if config.use_karras_sigmas:
         raise ValueError(f"{name} cannot use custom timesteps with use_karras_sigmas = True")
     try:
@@ -270,7 +274,10 @@ def _custom_timesteps(config: SchedulerConfig, timesteps: Sequence[int]) -> torc
 
 
 _TIMESTEPS = {"DPMSolverMultistepScheduler": _dpm_timesteps, "DDIMScheduler": _ddim_timesteps,
-              "EulerDiscreteScheduler": _euler_timesteps, "LCMScheduler": _lcm_timesteps}
+              "EulerDiscreteScheduler": _euler_timesteps, "LCMScheduler": _lcm_timesteps,
+              # Euler's spacing, never Karras noise levels (the class has no such option)
+              "EulerAncestralDiscreteScheduler": lambda config, num: _euler_timesteps(
+                  dataclasses.replace(config, use_karras_sigmas=False), num)}
 
 
 def make_timesteps(config: SchedulerConfig, num_inference_steps: int | None = None,

@@ -15,7 +15,7 @@ from .samplers import SAMPLERS, check_config
 
 # what AUTOMATIC1111 and the server call each sampler
 SAMPLER_NAMES = {"DPMSolverMultistepScheduler": "DPM++ 2M", "DDIMScheduler": "DDIM",
-                 "EulerDiscreteScheduler": "Euler", "LCMScheduler": "LCM"}
+                 "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a", "LCMScheduler": "LCM"}
 # lower-case name -> sampler: the class names, the display names, and the names A1111 and k-diffusion use
 SAMPLER_ALIASES = {
     **{name.lower(): name for name in SAMPLERS},
@@ -23,9 +23,10 @@ SAMPLER_ALIASES = {
     "dpmpp_2m": "DPMSolverMultistepScheduler", "k_dpmpp_2m": "DPMSolverMultistepScheduler",
     "dpm++": "DPMSolverMultistepScheduler", "dpm++2m": "DPMSolverMultistepScheduler",
     "k_euler": "EulerDiscreteScheduler", "k_ddim": "DDIMScheduler",
+    **dict.fromkeys(("euler_a", "k_euler_a", "euler ancestral", "euler_ancestral", "euler-a"),
+                    "EulerAncestralDiscreteScheduler"),
 }
 KARRAS = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler")  # the samplers with Karras noise levels
-ANCESTRAL = ("euler a", "euler_a", "k_euler_a", "euler ancestral")  # AUTOMATIC1111's default sampler among them
 
 
 def sampler_by_name(name: str) -> tuple[str, bool]:
@@ -38,9 +39,7 @@ def sampler_by_name(name: str) -> tuple[str, bool]:
         base, karras = parts[1], True
     if base.lower() not in SAMPLER_ALIASES:
         known = ", ".join(SAMPLER_NAMES.get(n, n) for n in SAMPLERS)
-        ancestral = " (ancestral samplers are not available: Euler is the nearest)" if base.lower() in ANCESTRAL else ""
-        raise ValueError(f"unknown scheduler {name!r}{ancestral}: choose one of {known}, or DPM++ 2M Karras or "
-                         "Euler Karras")
+        raise ValueError(f"unknown scheduler {name!r}: choose one of {known}, or DPM++ 2M Karras or Euler Karras")
     key = SAMPLER_ALIASES[base.lower()]
     if karras:
         check_karras(key)
@@ -136,9 +135,13 @@ class EulerDiscreteScheduler(_Scheduler):
     """Euler (Karras et al. 2022)."""
 
 
+class EulerAncestralDiscreteScheduler(_Scheduler):
+    """Euler ancestral (k-diffusion's; AUTOMATIC1111's "Euler a"): fresh noise at every step."""
+
+
 class LCMScheduler(_Scheduler):
     """Latent consistency sampling (Luo et al. 2023), for PixArt-LCM."""
 
 
 SCHEDULER_CLASSES = {c.__name__: c for c in (DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler,
-                                             LCMScheduler)}
+                                             EulerAncestralDiscreteScheduler, LCMScheduler)}

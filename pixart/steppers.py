@@ -8,6 +8,8 @@ tensors, float64 where it uses numpy), so results match it in fp32 and bf16 alik
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .configs import SchedulerConfig
@@ -150,6 +152,29 @@ class Euler(Stepper):
         return (sample + derivative * (self.sigmas[i + 1] - sigma)).to(out.dtype)
 
 
+class EulerAncestral(Euler):
+    """Euler with ancestral sampling (k-diffusion's `sample_euler_ancestral`; AUTOMATIC1111's "Euler a"): each step
+    goes down to σ_down by Euler and adds fresh noise of σ_up, with σ_down² + σ_up² = σ_next² (η = 1)."""
+
+    def __init__(self, config: SchedulerConfig, timesteps: torch.Tensor, eta: float = 0.0):
+        # the class has no Karras noise levels and always ends at σ = 0
+        super().__init__(dataclasses.replace(config, use_karras_sigmas=False, final_sigmas_type="zero"), timesteps)
+
+    def step(self, i, out, x, generator=None):
+        config, sigma, sigma_next = self.config, self.sigmas[i], self.sigmas[i + 1]
+        sample = x.float()
+        if config.prediction_type == "epsilon":
+            x0 = sample - sigma * out
+        else:  # v_prediction (check_config refuses "sample", as diffusers does)
+            x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+        self.x0 = x0
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        x_next = sample + (sample - x0) / sigma * (sigma_down - sigma)
+        noise = randn_tensor(out.shape, generator, out.device, out.dtype)
+        return (x_next + noise * sigma_up).to(out.dtype)
+
+
 class LCM(Stepper):
     """Latent Consistency Model multistep sampling (Luo et al. 2023, arXiv 2310.04378, Algorithm 1)."""
 
@@ -180,6 +205,7 @@ STEPPERS: dict[str, type[Stepper]] = {
     "DPMSolverMultistepScheduler": DPMSolverPP2M,
     "DDIMScheduler": DDIM,
     "EulerDiscreteScheduler": Euler,
+    "EulerAncestralDiscreteScheduler": EulerAncestral,
     "LCMScheduler": LCM,
 }
 

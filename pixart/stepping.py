@@ -17,6 +17,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+# the Euler samplers: they scale the model's input by 1 / sqrt(σ² + 1) and the initial noise by σ_max
+EULER = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
+
 
 class SchedulerOutput(NamedTuple):
     """What `step` returns: diffusers' SchedulerOutput (`prev_sample`), with the x_0 estimate where its class has one
@@ -75,7 +78,7 @@ class SchedulerSteps:
         run = self.__dict__.get("_run")
         if run is not None:
             return run.stepper.init_noise_sigma
-        if self.class_name != "EulerDiscreteScheduler":
+        if self.class_name not in EULER:
             return 1.0
         from .steppers import Euler
 
@@ -105,7 +108,7 @@ class SchedulerSteps:
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """What the model sees at `timestep`: Euler divides by sqrt(σ² + 1); the others leave `sample` as it is."""
         run = self._started("scale_model_input")
-        if self.class_name != "EulerDiscreteScheduler":
+        if self.class_name not in EULER:
             return sample
         return run.stepper.model_input(sample, self._index(timestep, advance=False))
 
@@ -140,7 +143,7 @@ class SchedulerSteps:
 
         t = torch.as_tensor(timesteps).reshape(-1).cpu()
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
-        if self.class_name == "EulerDiscreteScheduler":
+        if self.class_name in EULER:
             sigma = noise_levels(self, t).to(original_samples.device, original_samples.dtype).reshape(shape)
             return original_samples + sigma * noise
         ac = noise_schedule(self)[t.long()].to(original_samples.device, original_samples.dtype).reshape(shape)

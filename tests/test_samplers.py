@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, LCMScheduler)
 
 from pixart.configs import SchedulerConfig
 from pixart.samplers import SAMPLERS, make_timesteps, noise_schedule, randn_tensor
@@ -27,7 +28,9 @@ def _pixart_scheduler(cls):
     return cls.from_config(DPMSolverMultistepScheduler(**PIXART_DPM).config)
 
 
-CLASSES = [DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler, LCMScheduler]
+CLASSES = [DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+           LCMScheduler]
+NOISY = (EulerAncestralDiscreteScheduler, LCMScheduler)  # they add fresh noise at each step: a seeded generator
 STEPS = [1, 2, 4, 14, 20, 25, 50]
 
 # Non-default options, each run through the whole loop (class, config changes).
@@ -51,6 +54,9 @@ VARIANTS = [
     (EulerDiscreteScheduler, dict(use_karras_sigmas=True)),
     (EulerDiscreteScheduler, dict(prediction_type="v_prediction")),
     (EulerDiscreteScheduler, dict(prediction_type="sample")),
+    (EulerAncestralDiscreteScheduler, dict(timestep_spacing="leading", steps_offset=1)),
+    (EulerAncestralDiscreteScheduler, dict(timestep_spacing="trailing")),
+    (EulerAncestralDiscreteScheduler, dict(prediction_type="v_prediction")),
     (LCMScheduler, dict(original_inference_steps=100, timestep_scaling=5.0)),
     (LCMScheduler, dict(set_alpha_to_one=False, clip_sample=True)),
     (LCMScheduler, dict(prediction_type="v_prediction")),
@@ -169,7 +175,7 @@ def test_sampling_loop_matches_diffusers_every_step_fp32(cls, steps, tmp_path):
     scheduler = _pixart_scheduler(cls)
     config = _config(scheduler, tmp_path)
     x = _noise(batch=2)
-    seeds = [7] if cls is LCMScheduler else None
+    seeds = [7] if cls in NOISY else None
     assert_same_run(pixart_loop(config, steps, x, seeds=seeds), diffusers_loop(scheduler, steps, x, seeds=seeds))
 
 
@@ -178,7 +184,7 @@ def test_sampling_loop_matches_diffusers_with_other_options(cls, changes, tmp_pa
     scheduler = _variant(cls, changes)
     config = _config(scheduler, tmp_path)
     assert all(getattr(config, k) == v for k, v in changes.items())
-    seeds = [3] if cls is LCMScheduler else None
+    seeds = [3] if cls in NOISY else None
     # Euler + Karras timesteps come from log σ, where numpy's and torch's float32 log may differ by an ulp
     t_atol = 1e-4 if cls is EulerDiscreteScheduler and changes.get("use_karras_sigmas") else 0.0
     for steps in (1, 4, 20):
@@ -192,7 +198,7 @@ def test_sampling_loop_matches_diffusers_with_other_options(cls, changes, tmp_pa
 def test_bf16_loop_is_bitwise_diffusers_bf16(cls, tmp_path):
     scheduler = _pixart_scheduler(cls)
     config = _config(scheduler, tmp_path)
-    seeds = [5] if cls is LCMScheduler else None
+    seeds = [5] if cls in NOISY else None
     x = _noise(dtype=torch.bfloat16)
     assert_same_run(pixart_loop(config, 20 if cls is not LCMScheduler else 4, x, seeds=seeds),
                     diffusers_loop(scheduler, 20 if cls is not LCMScheduler else 4, x, seeds=seeds), atol=0.0)
@@ -206,7 +212,7 @@ def test_bf16_loop_is_bitwise_diffusers_bf16(cls, tmp_path):
 def test_custom_timesteps_match_diffusers(cls, timesteps, tmp_path):
     scheduler = _pixart_scheduler(cls)
     config = _config(scheduler, tmp_path)
-    seeds = [11] if cls is LCMScheduler else None
+    seeds = [11] if cls in NOISY else None
     scheduler.set_timesteps(timesteps=timesteps)
     assert torch.equal(make_timesteps(config, timesteps=timesteps), scheduler.timesteps)
     assert_same_run(pixart_loop(config, None, _noise(), timesteps=timesteps, seeds=seeds),
@@ -296,7 +302,7 @@ def test_custom_timesteps_out_of_range_or_not_decreasing_are_named(timesteps):
 
 def test_unknown_scheduler_is_an_error_listing_the_supported_ones():
     config = SchedulerConfig(class_name="UniPCMultistepScheduler")
-    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler, LCM"):
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, LCM"):
         make_timesteps(config, 20)
     with pytest.raises(ValueError, match="UniPCMultistepScheduler"):
         sample(config, fake_model, _noise(), torch.tensor([999]))
@@ -352,7 +358,7 @@ def test_saved_config_is_the_one_diffusers_writes_for_the_keys_we_know(cls, tmp_
 def test_a_diffusers_style_loop_on_our_config_steps_as_diffusers(cls, dtype, tmp_path):
     scheduler = _pixart_scheduler(cls)
     config = _config(scheduler, tmp_path)
-    seeds = [4] if cls is LCMScheduler else None
+    seeds = [4] if cls in NOISY else None
     for steps in (1, 4, 20) if cls is not LCMScheduler else (1, 4, 8):
         ours = diffusers_loop(config, steps, _noise(batch=2, dtype=dtype), seeds=seeds)
         assert_same_run(ours, diffusers_loop(scheduler, steps, _noise(batch=2, dtype=dtype), seeds=seeds), atol=0.0)
@@ -367,7 +373,9 @@ def test_a_diffusers_style_loop_steps_as_diffusers_with_other_options(cls, chang
     scheduler = _variant(cls, changes)
     config = _config(scheduler, tmp_path)
     t_atol = 1e-4 if cls is EulerDiscreteScheduler and changes.get("use_karras_sigmas") else 0.0
-    assert_same_run(diffusers_loop(config, 6, _noise()), diffusers_loop(scheduler, 6, _noise()), t_atol=t_atol)
+    seeds = [2] if cls in NOISY else None
+    assert_same_run(diffusers_loop(config, 6, _noise(), seeds=seeds), diffusers_loop(scheduler, 6, _noise(), seeds=seeds),
+                    t_atol=t_atol)
 
 
 def test_ddim_step_takes_eta_with_a_generator_as_diffusers(tmp_path):

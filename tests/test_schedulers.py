@@ -129,7 +129,7 @@ def generate(pipe) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name, changes", [
-    ("DDIMScheduler", {}), ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    ("DDIMScheduler", {}), ("EulerDiscreteScheduler", {"use_karras_sigmas": True}), ("EulerAncestralDiscreteScheduler", {}),
     # the tiny model's image hardly moves with "trailing" spacing (2e-4): "leading" moves it (0.17)
     ("DPMSolverMultistepScheduler", {"timestep_spacing": "leading", "steps_offset": 1})])
 def test_switching_the_scheduler_as_in_diffusers_gives_diffusers_images(pipes, name, changes):
@@ -153,8 +153,8 @@ def test_switching_the_scheduler_as_in_diffusers_gives_diffusers_images(pipes, n
 def test_assigning_a_sampler_pixart_lacks_fails_at_once(pipes):
     ours, _ = pipes
     before = ours.scheduler
-    with pytest.raises(ValueError, match="'EulerAncestralDiscreteScheduler' is not supported: use one of"):
-        ours.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(ours.scheduler.config)
+    with pytest.raises(ValueError, match="'UniPCMultistepScheduler' is not supported: use one of"):
+        ours.scheduler = diffusers.UniPCMultistepScheduler.from_config(ours.scheduler.config)
     with pytest.raises(TypeError, match="got str"):
         ours.scheduler = "euler"
     assert ours.scheduler is before  # a refused assignment leaves the scheduler as it was
@@ -163,13 +163,14 @@ def test_assigning_a_sampler_pixart_lacks_fails_at_once(pipes):
 @pytest.mark.parametrize("name, key, karras", [
     ("euler", "EulerDiscreteScheduler", False), ("DPM++ 2M Karras", "DPMSolverMultistepScheduler", True),
     ("euler-karras", "EulerDiscreteScheduler", True), ("DDIMScheduler", "DDIMScheduler", False),
-    ("k_dpmpp_2m", "DPMSolverMultistepScheduler", False)])
+    ("k_dpmpp_2m", "DPMSolverMultistepScheduler", False), ("Euler a", "EulerAncestralDiscreteScheduler", False),
+    ("k_euler_a", "EulerAncestralDiscreteScheduler", False)])
 def test_sampler_names(name, key, karras):
     assert sampler_by_name(name) == (key, karras)
 
 
 @pytest.mark.parametrize("name, message", [("heun", "unknown scheduler 'heun': choose one of DPM\\+\\+ 2M, DDIM"),
-                                           ("Euler a", "ancestral samplers are not available"),
+                                           ("Euler a Karras", "Euler a has no Karras noise levels"),
                                            ("ddim karras", "DDIM has no Karras noise levels")])
 def test_unknown_sampler_names_list_the_choices(name, message):
     with pytest.raises(ValueError, match=message):
@@ -212,6 +213,6 @@ def test_cli_sampler_named_without_karras_turns_the_model_s_karras_off(pipeline_
 
 def test_cli_unknown_sampler_exits_with_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "x", "--model", "demo", "--sampler", "Euler a"])
+        main(["generate", "x", "--model", "demo", "--sampler", "Heun"])
     assert exit_info.value.code == 2
-    assert "ancestral samplers are not available: Euler is the nearest" in capsys.readouterr().err
+    assert "unknown scheduler 'Heun': choose one of DPM++ 2M, DDIM, Euler, Euler a, LCM" in capsys.readouterr().err

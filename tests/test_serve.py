@@ -227,6 +227,20 @@ def test_a1111_karras_samplers_use_karras_noise_levels(server, pipe, fields, cls
     assert not np.array_equal(got, np.asarray(plain))  # the Karras levels changed the image
 
 
+def test_a1111_takes_every_schedule_it_lists_in_any_case(server):
+    client, _ = server
+    schedules = client.get("/sdapi/v1/schedulers").json()
+    shown = {}
+    for schedule in schedules:
+        for spelling in {schedule["name"], schedule["label"], schedule["name"].upper()}:
+            r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 256, "height": 256,
+                                                       "sampler_name": "Euler", "scheduler": spelling})
+            assert r.status_code == 200, (spelling, r.text)
+            shown[spelling] = json.loads(r.json()["info"])["sampler_name"]
+    assert shown == {"automatic": "Euler", "Automatic": "Euler", "AUTOMATIC": "Euler",  # webuiapi sends "automatic"
+                     "karras": "Euler Karras", "Karras": "Euler Karras", "KARRAS": "Euler Karras"}
+
+
 def test_every_route_but_health_and_the_page_needs_the_key(server):
     client, _ = server
     bare = httpx.Client(base_url=str(client.base_url), timeout=30)
@@ -263,7 +277,9 @@ def test_every_route_but_health_and_the_page_needs_the_key(server):
     ("/v1/images/generations", openai_body("x", scheduler="Heun"), "scheduler", "DPM++ 2M"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 3, "n_iter": 2}, "batch_size", "max_n = 4"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": -1}, "cfg_scale", "between 0 and 100"),
-    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Euler a"}, "sampler_name", "unknown scheduler"),
+    # AUTOMATIC1111's sampler is sampler_name (its `scheduler` is the noise schedule); the other routes' is scheduler
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Heun"}, "sampler_name", "unknown sampler 'Heun'"),
+    ("/v1/images/generations", openai_body("x", scheduler="Heun"), "scheduler", "unknown scheduler 'Heun'"),
     ("/api/jobs", {"prompt": "x", "width": 4096}, "width", "max_side"),
     ("/v1/images/generations", openai_body("x", guidance_interval=[5, 1]), "guidance_interval", "sigma_lo < sigma_hi"),
     ("/api/jobs", {"prompt": "x", "cache": "quick"}, "cache", "not a preset"),
@@ -278,11 +294,12 @@ def test_every_route_but_health_and_the_page_needs_the_key(server):
     ("/api/jobs", {"prompt": ""}, "prompt", "prompt is empty"),
     ("/api/jobs", {"prompt": "x", "cache": True}, "cache", "cache is true: it must be a preset name"),
     ("/api/jobs", {"prompt": "x", "cache": [0.1, "two"]}, "cache", "[threshold, max_reuse]"),
-    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Euler a"}, "sampler_name", "Euler is the nearest"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Euler a Karras"}, "sampler_name",
+     "Euler a has no Karras noise levels"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "DDIM Karras"}, "sampler_name", "no Karras noise levels"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "scheduler": "Exponential"}, "scheduler", "use Automatic"),
     # fields that would change the image are not ignored
-    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_index": "Euler a"}, "sampler_index", "Euler is the nearest"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_index": "UniPC"}, "sampler_index", "unknown sampler 'UniPC'"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True}, "enable_hr", "hires fix) is not supported"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"sd_model_checkpoint": "sdxl.safetensors"}},
      "override_settings", "serves one model, tiny-512: start another `pixart serve --model sdxl.safetensors`"),

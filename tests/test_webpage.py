@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -141,10 +142,16 @@ def test_page_generates_after_401_key_with_moving_progress_and_shows_image_with_
     assert seed.isdigit(), f"the dice gave {seed!r}"
 
     # without the key the server answers 401: the page says so and the key field is there to fill
+    error = d.find_element(By.ID, "error")
     d.find_element(By.ID, "generate").click()
-    wait_for(d, lambda d: "API key" in d.find_element(By.ID, "error").text, 10, "no 401 message in the page")
+    wait_for(d, lambda d: "needs an API key" in error.text, 10, "no 401 message in the page")
     key = d.find_element(By.ID, "api-key")
     assert key.is_displayed()
+    # a wrong key: the page says the server rejected it, and typing replaces it
+    key.send_keys("wrong-key", Keys.TAB)
+    d.find_element(By.ID, "generate").click()
+    wait_for(d, lambda d: "rejected this API key" in error.text, 10, f"a wrong key got {error.text!r}")
+    assert d.switch_to.active_element == key and key.is_displayed()
     key.send_keys(API_KEY, Keys.TAB)  # `change` stores it in localStorage
     assert d.execute_script("return localStorage.getItem('pixart.apiKey')") == API_KEY
 
@@ -210,3 +217,45 @@ def test_page_generates_after_401_key_with_moving_progress_and_shows_image_with_
     assert overflow[0] <= overflow[1], f"horizontal overflow at phone width (scrollWidth, innerWidth) = {overflow}"
     d.execute_script("document.querySelector('#gallery figure').scrollIntoView()")
     save_screenshot(d, tmp_path, "webpage-phone.png")
+
+
+def test_page_opened_while_the_model_loads_waits_for_it_then_generates(pipeline_dir_512, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    from test_serve import running  # in-process: the model's load waits for the test
+
+    from pixart import PixArtAlphaPipeline
+    from pixart.serve.app import create_app
+
+    pipe = PixArtAlphaPipeline.from_pretrained(pipeline_dir_512)
+    loaded = threading.Event()
+
+    def load():
+        assert loaded.wait(60)
+        return pipe
+
+    with running(create_app(load, model_name="tiny-512")) as (url, _):
+        d = browser
+        d.get(url + "/")
+        status, generate = d.find_element(By.ID, "status"), d.find_element(By.ID, "generate")
+        wait_for(d, lambda d: "still loading" in status.text, 10, "the page does not say the model is loading")
+        assert not generate.is_enabled(), "Generate is enabled without the sizes"
+        assert not Select(d.find_element(By.ID, "size")).options
+        loaded.set()
+        # /api/config answers 503 with Retry-After: 5 while loading: the page asks again then
+        wait_for(d, lambda d: generate.is_enabled(), 20, f"the page never got the config: {status.text!r}")
+        assert d.find_element(By.ID, "model").text == "tiny-512"
+        assert d.find_element(By.ID, "error").text == "" and status.text == ""
+        sizes = Select(d.find_element(By.ID, "size"))
+        width, height = min((tuple(map(int, o.get_attribute("value").split("x"))) for o in sizes.options),
+                            key=lambda p: p[0] * p[1])
+        sizes.select_by_value(f"{width}x{height}")
+        d.find_element(By.ID, "prompt").send_keys("a red fox")
+        steps = d.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("1")
+        generate.click()
+        img = wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery figure img"), 45,
+                       f"no image: {d.find_element(By.ID, 'error').text!r}")[0]
+        png = base64.b64decode(img.get_attribute("src").split(",", 1)[1])
+        assert Image.open(io.BytesIO(png)).size == (width, height)

@@ -95,16 +95,19 @@ class JobRequest(Body):
     cache: Cache = None
 
 
+# AUTOMATIC1111 1.9's noise schedules (the `scheduler` field of txt2img), in any case: their Karras setting
+SCHEDULES = {"automatic": None, "karras": True}
+
+
 def sampler(name: str | None, default: str, param: str, schedule: str | None = None) -> tuple[str, bool | None]:
     """(the SAMPLERS key, Karras noise levels or None for the config's) of a request's sampler name (any alias, any
     case, AUTOMATIC1111's "... Karras" too; None: the model's own, `default`) and of AUTOMATIC1111's separate
-    noise `schedule` field."""
-    karras = None
-    if schedule not in (None, "", "Automatic"):
-        if schedule.lower() != "karras":
-            raise ApiError(400, f"scheduler {schedule!r} is not available: use Automatic (the model's own) or Karras",
-                           param="scheduler")
-        karras = True
+    noise `schedule` field (a SCHEDULES name in any case)."""
+    named = (schedule or "automatic").strip().lower()
+    if named not in SCHEDULES:
+        raise ApiError(400, f"scheduler {schedule!r} is not available: use Automatic (the model's own) or Karras",
+                       param="scheduler")
+    karras = SCHEDULES[named]
     key = default
     try:
         if name:
@@ -113,7 +116,10 @@ def sampler(name: str | None, default: str, param: str, schedule: str | None = N
         if karras:
             check_karras(key)
     except ValueError as e:
-        raise ApiError(400, str(e), param=param) from None
+        message = str(e)
+        if param != "scheduler":  # AUTOMATIC1111's sampler_name: its `scheduler` is the noise schedule
+            message = re.sub(r"^unknown scheduler", "unknown sampler", message)
+        raise ApiError(400, message, param=param) from None
     return key, karras
 
 
