@@ -190,7 +190,7 @@ def test_jsonl_lines_carry_their_own_settings_and_seeds(pipeline_dir_512, tmp_pa
     ("{\"prompt\": \"x\", \"n\": 0}\n", "line 1: n must be at least 1"),
     ("{\"prompt\": \"x\", \"seed\": \"1\"}\n", "line 1: seed must be an integer, got '1'"),
     ("a cat\n{\"prompt\": \"x\", \"guidance\": NaN}\n", "line 2: guidance must be a finite number, got nan"),
-    ("a cat\n{\"prompt\": \"x\", \"sampler\": \"Euler a\"}\n", "line 2: unknown scheduler 'Euler a' (ancestral"),
+    ("a cat\n{\"prompt\": \"x\", \"sampler\": \"Heun\"}\n", "line 2: unknown scheduler 'Heun': choose one of"),
     ("{\"prompt\": \"x\", \"seed\": 9223372036854775807, \"n\": 2}\n",
      "image 1 would get seed 9223372036854775808, outside 0 to 2**63 - 1 (the image i of a run gets the first seed + i): "
      "change its line's \"seed\""),
