@@ -24,7 +24,8 @@ from ..denoise import check_guidance_interval
 from ..reuse import cache_setting
 from ..samplers import SAMPLERS
 from ..schedulers import SAMPLER_NAMES
-from .bodies import ImagesRequest, JobRequest, Txt2ImgRequest, parse_size, refuse_unknown, require_prompt, sampler
+from .bodies import (SCHEDULES, ImagesRequest, JobRequest, Txt2ImgRequest, parse_size, refuse_unknown, require_prompt,
+                     sampler)
 from .transport import ERROR_HANDLERS, CountRequests, Gate, Json, check_key
 from .worker import ApiError, Job, Metrics, QueueFull, Settings, Worker
 
@@ -237,8 +238,7 @@ def create_app(load: Callable[[], Any], *, model_name: str, api_key: str | None 
 
     @api.get("/sdapi/v1/schedulers")  # AUTOMATIC1111 1.9's noise schedules: the model's own, or Karras
     async def schedulers() -> list[dict]:
-        return [{"name": "automatic", "label": "Automatic", "aliases": None},
-                {"name": "karras", "label": "Karras", "aliases": None}]
+        return [{"name": name, "label": name.capitalize(), "aliases": None} for name in SCHEDULES]
 
     @api.get("/sdapi/v1/options")  # clients read the checkpoint here, and check the connection with it
     async def options() -> dict:
