@@ -39,10 +39,10 @@ def check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, o
     if not finite:
         raise ValueError(f"guidance_scale must be a finite number (4.5 by default; 1 or less turns guidance off), "
                          f"got {guidance_scale!r}")
-    bad = [k for k in tensor_inputs if k not in ("latents", "prompt_embeds", "prompt_attention_mask")]
+    bad = [k for k in tensor_inputs if k not in ("latents", "prompt_embeds", "prompt_attention_mask", "denoised")]
     if bad:
         raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not available; choose from latents, "
-                         "prompt_embeds, prompt_attention_mask")
+                         "prompt_embeds, prompt_attention_mask, denoised (the step's x_0 estimate)")
 
 
 

@@ -393,12 +393,14 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
                     callback(i, t, x)
                 if callback_on_step_end is None:
                     return None
-                inputs = {"latents": x, **state}
+                inputs = {"latents": x, **state, "denoised": denoised[0]}
                 out = callback_on_step_end(self, i, t, {k: inputs[k] for k in callback_on_step_end_tensor_inputs}) or {}
                 state.update({k: v for k, v in out.items() if k in state})
                 return out.get("latents")
 
-            latents = sample(self.scheduler, model_fn, latents, steps, generator=generator, eta=eta, callback=on_step)
+            denoised: list = [None]  # each step's x_0 estimate, for callback_on_step_end's "denoised"
+            latents = sample(self.scheduler, model_fn, latents, steps, generator=generator, eta=eta, callback=on_step,
+                             denoised=denoised)
             del transformer, forward, model_fn  # staged: the block's end frees the transformer, before the VAE loads
 
         # 5. Decode and 6. postprocess

@@ -49,6 +49,7 @@ class Stepper:
     scaled by `init_noise_sigma`, the model sees `model_input(x, i)`, and `step(i, out, x)` is the next x."""
 
     init_noise_sigma: torch.Tensor | float = 1.0
+    x0: torch.Tensor | None = None  # the last step's estimate of the clean latents
 
     def __init__(self, config: SchedulerConfig, timesteps: torch.Tensor, eta: float = 0.0):
         self.config, self.timesteps = config, timesteps
@@ -92,7 +93,7 @@ class DPMSolverPP2M(Stepper):
             else:  # heun
                 x_next = ((sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0
                           + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1)
-        self.previous = x0, lambda_s
+        self.x0, self.previous = x0, (x0, lambda_s)
         return x_next.to(x0.dtype)
 
 
@@ -212,13 +213,17 @@ STEPPERS: dict[str, type[Stepper]] = {
 
 def sample(config: SchedulerConfig, model_fn: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, *,
            generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
-           callback: Callback | None = None) -> torch.Tensor:
+           callback: Callback | None = None, denoised: list | None = None) -> torch.Tensor:
     """Denoise unit-variance noise `x` over `timesteps` with the sampler of `config.class_name` (as diffusers, only
-    DDIM uses eta)."""
+    DDIM uses eta). `denoised`: a list whose one item is set to each step's estimate of the clean latents before
+    the callback runs (what a preview or an interrupted run decodes)."""
     check_config(config)
     stepper = STEPPERS[config.class_name](config, timesteps, eta=eta)
     x = x * stepper.init_noise_sigma
     for i, t in enumerate(timesteps):
         out = model_fn(stepper.model_input(x, i), t)
-        x = _after_step(callback, i, t, stepper.step(i, out, x, generator))
+        x = stepper.step(i, out, x, generator)
+        if denoised is not None:
+            denoised[:] = [stepper.x0]
+        x = _after_step(callback, i, t, x)
     return x

@@ -408,3 +408,22 @@ def test_a_device_this_machine_lacks_is_named_up_front_and_a_failed_move_changes
         pipe.to("gpu")
     assert pipe.device == torch.device("cpu")  # still usable
     assert pipe("artistic", num_inference_steps=1, height=256, width=256, output_type="latent").images.shape[0] == 1
+
+
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "DDIMScheduler"])
+def test_callback_on_step_end_can_read_each_steps_clean_estimate(pipes_512, scheduler):
+    """"denoised" (a pixart extension; what an interrupted AUTOMATIC1111 request decodes) is the step's x_0
+    estimate: far from the noisy latents early on, and at the last step (σ → 0) the latents themselves."""
+    ours, _ = pipes_512
+    original = ours.scheduler
+    ours.scheduler = getattr(pixart, scheduler).from_config(original.config)
+    seen = []
+    try:
+        out = ours("artistic", num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(0),
+                   callback_on_step_end=lambda pipe, i, t, k: seen.append((k["latents"], k["denoised"])) or {},
+                   callback_on_step_end_tensor_inputs=["latents", "denoised"]).images
+    finally:
+        ours.scheduler = original
+    (first_latents, first_x0), (last_latents, last_x0) = seen[0], seen[-1]
+    assert len(seen) == 4 and (first_latents - first_x0).abs().max() > 0.5
+    torch.testing.assert_close(last_x0.to(out.dtype), out, atol=1e-5, rtol=1e-5)

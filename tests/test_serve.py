@@ -635,13 +635,14 @@ def test_a1111_progress_models_samplers_and_options(server):
 
 
 def after_first_step(pipe, prompt: str, seed: int, steps: int) -> np.ndarray:
-    """The pipeline's decoding (VAE, resize to 256x256, postprocess) of its latents after the first of `steps`."""
+    """The pipeline's decoding (VAE, resize to 256x256, postprocess) of its estimate of the clean latents after the
+    first of `steps` (AUTOMATIC1111's preview; not the still noisy latents)."""
     def stop(pipe, i, t, tensors):
-        raise _Stopped(tensors["latents"], i + 1)
+        raise _Stopped(tensors["denoised"], i + 1)
 
     with pytest.raises(_Stopped) as stopped:
         pipe(prompt, num_inference_steps=steps, width=256, height=256, callback_on_step_end=stop,
-             generator=[torch.Generator().manual_seed(seed)])
+             callback_on_step_end_tensor_inputs=["denoised"], generator=[torch.Generator().manual_seed(seed)])
     images = resize_and_crop_tensor(pipe.decode_latents(stopped.value.latents), 256, 256)
     return np.asarray(pipe.image_processor.postprocess(images, output_type="pil")[0])
 

@@ -128,7 +128,7 @@ class Job:
 
 
 class _Stopped(Exception):
-    """Raised from the step callback to abort the pipeline call, with the latents of the steps run."""
+    """Raised from the step callback to abort the pipeline call, with the x_0 estimate of the last step run."""
 
     def __init__(self, latents: torch.Tensor, steps: int):
         super().__init__()
@@ -360,13 +360,14 @@ class Worker:
 
     def _generate(self, batch: list[Job]) -> tuple[list, dict[str, Any]]:
         """The batch's images from one pipeline call (a prompt and a generator per image, so batching changes no
-        pixel), and what an interrupt adds to their settings: an interrupted call's images are its latents so far."""
+        pixel), and what an interrupt adds to their settings: an interrupted call's images are the last step's
+        estimate of the clean image (AUTOMATIC1111's preview), not its still noisy latents."""
         first = batch[0].settings
         per_image = [(job, seed) for job in batch for seed in job.settings.seeds]
 
         def on_step(pipe, i: int, t, kwargs: dict) -> dict:
             if self._closed or self.interrupted or all(job.cancelled for job in batch):
-                raise _Stopped(kwargs["latents"], i + 1)
+                raise _Stopped(kwargs["denoised"], i + 1)
             self.step = i + 1
             for job in batch:
                 job.progress(i + 1, first.steps)
@@ -379,7 +380,8 @@ class Worker:
                 negative_prompt=[job.settings.negative_prompt for job, _ in per_image],
                 num_inference_steps=first.steps, guidance_scale=first.guidance_scale, height=first.height,
                 width=first.width, generator=[torch.Generator().manual_seed(seed) for _, seed in per_image],
-                callback_on_step_end=on_step, guidance_interval=first.guidance_interval, cache=first.cache,
+                callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["denoised"],
+                guidance_interval=first.guidance_interval, cache=first.cache,
             ).images, {}
         except _Stopped as stop:
             if self._closed or not self.interrupted:
@@ -387,7 +389,7 @@ class Worker:
             return self._decode(stop.latents, first), {"interrupted": True, "steps_run": stop.steps}
 
     def _decode(self, latents: torch.Tensor, settings: Settings) -> list:
-        """Latents part-way through sampling as PIL images of the requested size (the pipeline's steps 5 and 6)."""
+        """Latents (a step's x_0 estimate) as PIL images of the requested size (the pipeline's steps 5 and 6)."""
         images = self.pipe.decode_latents(latents)  # (B, 3, H, W) in [-1, 1]
         if images.shape[-2:] != (settings.height, settings.width):  # generated at the nearest aspect-ratio bin
             images = resize_and_crop_tensor(images, settings.width, settings.height)
