@@ -134,7 +134,10 @@ class SchedulerSteps:
         if self.class_name == "DDIMScheduler":
             stepper.eta = float(options.get("eta") or 0.0)
         prev = stepper.step(i, model_output, sample, generator)
-        out = SchedulerOutput(prev, getattr(stepper, "x0", None))
+        if self.class_name == "DPMSolverMultistepScheduler":  # diffusers' DPM-Solver output has no x_0 field
+            out = SchedulerOutput(prev)
+            return out if return_dict else (prev,)
+        out = SchedulerOutput(prev, stepper.x0)
         return out if return_dict else tuple(out)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

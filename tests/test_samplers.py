@@ -418,3 +418,19 @@ def test_stepping_mistakes_are_named(tmp_path):
         config.step(x, 0, x)
     config.set_timesteps(2)  # a new run starts over
     assert config.step_index is None and config == _config(_pixart_scheduler(DPMSolverMultistepScheduler), tmp_path)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_step_returns_diffusers_fields(cls, tmp_path):
+    scheduler = _pixart_scheduler(cls)
+    config = _config(scheduler, tmp_path)
+    x = _noise()
+    for s in (scheduler, config):
+        s.set_timesteps(4)
+    kwargs = {"generator": torch.Generator().manual_seed(0)} if cls in NOISY else {}
+    theirs = scheduler.step(fake_model(x, scheduler.timesteps[0]), scheduler.timesteps[0], x, return_dict=False, **kwargs)
+    kwargs = {"generator": torch.Generator().manual_seed(0)} if cls in NOISY else {}
+    ours = config.step(fake_model(x, config.timesteps[0]), config.timesteps[0], x, return_dict=False, **kwargs)
+    assert len(ours) == len(theirs)  # (prev_sample,) for DPM-Solver, (prev_sample, x_0) for the others
+    for mine, reference in zip(ours, theirs):
+        torch.testing.assert_close(mine, reference, atol=1e-5, rtol=0)
