@@ -219,7 +219,8 @@ def _plan_run(args: argparse.Namespace) -> tuple[list[Job], list[Path]]:
         existing = [path for path in paths if path.exists()]
         if existing and not args.overwrite:
             names = ", ".join(map(str, existing[:3])) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-            raise ValueError(f"{names} already exist(s): choose another -o, or pass --overwrite to replace")
+            verb = "exists" if len(existing) == 1 else "exist"
+            raise ValueError(f"{names} already {verb}: choose another -o, or pass --overwrite to replace")
         return jobs, paths
     if args.outdir is None:
         raise ValueError("--prompts needs --outdir DIR for the images")

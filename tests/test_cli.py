@@ -126,7 +126,7 @@ def test_an_existing_image_is_never_replaced_without_overwrite(pipeline_dir_512,
     (tmp_path / "many-1.png").write_bytes(b"another")
     assert _run(pipeline_dir_512, "-o", str(out), "--seed", "1") == 2
     assert out.read_bytes() == b"an earlier image"
-    assert "keep.png already exist(s): choose another -o, or pass --overwrite" in capsys.readouterr().err
+    assert "keep.png already exists: choose another -o, or pass --overwrite" in capsys.readouterr().err
     assert _run(pipeline_dir_512, "-o", str(tmp_path / "many.png"), "-n", "2", "--seed", "1") == 2
     assert not (tmp_path / "many-0.png").exists() and (tmp_path / "many-1.png").read_bytes() == b"another"
     assert _run(pipeline_dir_512, "-o", str(out), "--seed", "1", "--overwrite") == 0
