@@ -155,6 +155,8 @@ def test_diffusers_style_call_gives_the_same_prediction(saved):
                 torch.testing.assert_close(out.sample, model(x, t, y, mask), rtol=0, atol=0)  # pixart's own call
         out = model(x, y, t, conds, None, None, mask)
         assert isinstance(out, TransformerOutput)
+        one_step = model(x, 500, y, mask, res, ar)  # pixart's call with a plain number for the timestep
+        torch.testing.assert_close(one_step, model(x, torch.full((x.shape[0],), 500), y, mask, res, ar), rtol=0, atol=0)
         torch.testing.assert_close(out.sample, model(x, t, y, mask, res, ar), rtol=0, atol=0)
         with pytest.raises(TypeError, match="unexpected keyword arguments encoder_mask"):
             model(x, encoder_hidden_states=y, timestep=t, encoder_mask=mask)

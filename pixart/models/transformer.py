@@ -223,7 +223,11 @@ class PixArtTransformer2DModel(PretrainedModel):
         diffusers' (see
         `diffusers_call`): `model(hidden_states, encoder_hidden_states=..., timestep=..., ...)` → `(sample,)`."""
         second = args[1] if len(args) > 1 else None
-        pixart_call = "x" in kwargs or (isinstance(second, torch.Tensor) and second.dim() <= 1)
+        # diffusers' second positional argument is the captions, a 3-D tensor; pixart's the timestep (B,), 0-dim or
+        # a number
+        timestep_second = (isinstance(second, torch.Tensor) and second.dim() <= 1) or (
+            isinstance(second, (int, float)) and not isinstance(second, bool))
+        pixart_call = "x" in kwargs or timestep_second
         if pixart_call and not DIFFUSERS_ONLY & kwargs.keys():
             return self.predict(*args, **kwargs)
         return self.diffusers_call(*args, **kwargs)
