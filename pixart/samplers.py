@@ -1,17 +1,19 @@
 """The samplers' options, noise schedules and timesteps, numerically equal to diffusers' schedulers (the update
-rules are in pixart.steppers). Every scalar is computed with the same operations and dtypes as the diffusers scheduler of `config.class_name`
-(0-dim float32 tensors, float64 where it uses numpy), so results match it in fp32 and bf16 alike.
+rules are in pixart.steppers). Every scalar is computed with the same operations and dtypes as the diffusers
+scheduler of `config.class_name` (0-dim float32 tensors, float64 where it uses numpy), so results match it in fp32
+and bf16 alike.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from .configs import SchedulerConfig
+from .configs import CLASS_FIELDS, COMMON_FIELDS, SchedulerConfig
+from .inputs import whole_number
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
@@ -39,6 +41,15 @@ F64 = torch.float64
 # the diffusers scheduler classes pixart samples with (pixart.steppers.STEPPERS has an update rule for each)
 SAMPLERS = ("DPMSolverMultistepScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
             "LCMScheduler")
+
+
+def own_option(config: SchedulerConfig, name: str) -> Any:
+    """The config's option `name` as its class reads it: the field's default where the class has no such option (a
+    config switched to Euler ancestral from DPM-Solver keeps use_karras_sigmas, which Euler ancestral ignores)."""
+    fields = CLASS_FIELDS.get(config.class_name)
+    if fields is None or name in COMMON_FIELDS or name in fields:
+        return getattr(config, name)
+    return SchedulerConfig.__dataclass_fields__[name].default
 
 
 def check_config(config: SchedulerConfig) -> None:
@@ -211,7 +222,7 @@ def _karras_sigmas(sigma_min: float, sigma_max: float, num: int) -> torch.Tensor
 def _dpm_timesteps(config: SchedulerConfig, num: int) -> torch.Tensor:
     """DPMSolverMultistepScheduler.set_timesteps: num+1 points with t = 0 dropped (but trailing), int64."""
     train_sigmas = _train_sigmas(config)
-    if config.use_karras_sigmas:
+    if own_option(config, "use_karras_sigmas"):
         t = _sigma_to_t(_karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), num), train_sigmas)
         return (t if config.beta_schedule == "squaredcos_cap_v2" else t.round()).long()
     # λ_min_clipped drops the last timesteps whose log-SNR is below it (for the cosine schedule)
@@ -233,7 +244,7 @@ def _euler_karras_sigmas(config: SchedulerConfig, num: int) -> torch.Tensor:
 
 def _euler_timesteps(config: SchedulerConfig, num: int) -> torch.Tensor:
     """EulerDiscreteScheduler.set_timesteps, float32 (linspace unrounded; Karras timesteps interpolated from σ)."""
-    if config.use_karras_sigmas:
+    if own_option(config, "use_karras_sigmas"):
         return _sigma_to_t(_euler_karras_sigmas(config, num), _train_sigmas(config)).float()
     return _spaced(config, num).float()
 
@@ -259,7 +270,7 @@ def _custom_timesteps(config: SchedulerConfig, timesteps: Sequence[int]) -> torc
     name = config.class_name
     if name in ("DDIMScheduler", "EulerAncestralDiscreteScheduler"):
         raise ValueError(f"{name} does not support custom timesteps: pass num_inference_steps")
-    if config.use_karras_sigmas:
+    if own_option(config, "use_karras_sigmas"):
         raise ValueError(f"{name} cannot use custom timesteps with use_karras_sigmas = True")
     try:
         t = torch.tensor([float(v) if name == "EulerDiscreteScheduler" else int(v) for v in timesteps])
@@ -274,10 +285,8 @@ def _custom_timesteps(config: SchedulerConfig, timesteps: Sequence[int]) -> torc
 
 
 _TIMESTEPS = {"DPMSolverMultistepScheduler": _dpm_timesteps, "DDIMScheduler": _ddim_timesteps,
-              "EulerDiscreteScheduler": _euler_timesteps, "LCMScheduler": _lcm_timesteps,
-              # Euler's spacing, never Karras noise levels (the class has no such option)
-              "EulerAncestralDiscreteScheduler": lambda config, num: _euler_timesteps(
-                  dataclasses.replace(config, use_karras_sigmas=False), num)}
+              "EulerDiscreteScheduler": _euler_timesteps, "EulerAncestralDiscreteScheduler": _euler_timesteps,
+              "LCMScheduler": _lcm_timesteps}
 
 
 def make_timesteps(config: SchedulerConfig, num_inference_steps: int | None = None,
@@ -290,12 +299,11 @@ def make_timesteps(config: SchedulerConfig, num_inference_steps: int | None = No
         if len(timesteps) == 0:
             raise ValueError("timesteps is empty")
         return _custom_timesteps(config, timesteps)
-    steps = num_inference_steps
-    whole = isinstance(steps, numbers.Integral) or (isinstance(steps, float) and steps.is_integer())
-    if isinstance(steps, bool) or not whole or not 1 <= steps <= config.num_train_timesteps:
+    steps = whole_number(num_inference_steps)
+    if steps is None or not 1 <= steps <= config.num_train_timesteps:
         raise ValueError(f"num_inference_steps must be a whole number from 1 to num_train_timesteps "
                          f"({config.num_train_timesteps}), got {num_inference_steps!r}")
-    return _TIMESTEPS[config.class_name](config, int(steps))
+    return _TIMESTEPS[config.class_name](config, steps)
 
 
 def noise_levels(config: SchedulerConfig, timesteps: torch.Tensor) -> torch.Tensor:
@@ -307,11 +315,11 @@ def run_sigmas(config: SchedulerConfig, timesteps: torch.Tensor) -> torch.Tensor
     """The (n+1,) float32 noise levels DPM-Solver and Euler pair with `timesteps`, ending at the final sigma."""
     train_sigmas = _train_sigmas(config)
     n = len(timesteps)
-    if not config.use_karras_sigmas:
+    if not own_option(config, "use_karras_sigmas"):
         sigmas = noise_levels(config, timesteps)
     elif config.class_name == "EulerDiscreteScheduler":
         sigmas = _euler_karras_sigmas(config, n)  # Karras sigmas are set by n: timesteps were made from them
     else:
         sigmas = _karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), n)
-    last = train_sigmas[:1].to(F64) if config.final_sigmas_type == "sigma_min" else torch.zeros(1, dtype=F64)
+    last = train_sigmas[:1].to(F64) if own_option(config, "final_sigmas_type") == "sigma_min" else torch.zeros(1, dtype=F64)
     return torch.cat([sigmas, last]).float()

@@ -8,8 +8,6 @@ tensors, float64 where it uses numpy), so results match it in fp32 and bf16 alik
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from .configs import SchedulerConfig
@@ -139,17 +137,20 @@ class Euler(Stepper):
     def model_input(self, x, i):
         return x / ((self.sigmas[i] ** 2 + 1) ** 0.5)  # the model sees unit-variance input
 
-    def step(self, i, out, x, generator=None):
-        config, sigma = self.config, self.sigmas[i]
-        sample = x.float()
-        if config.prediction_type == "epsilon":
+    def denoise(self, out: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x_0 from the model's prediction at σ, for the float32 sample x = x_0 + σ·ε; kept as `self.x0`."""
+        if self.config.prediction_type == "epsilon":
             x0 = sample - sigma * out
-        elif config.prediction_type == "v_prediction":
+        elif self.config.prediction_type == "v_prediction":
             x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
         else:
             x0 = out
         self.x0 = x0
-        derivative = (sample - x0) / sigma
+        return x0
+
+    def step(self, i, out, x, generator=None):
+        sigma, sample = self.sigmas[i], x.float()
+        derivative = (sample - self.denoise(out, sample, sigma)) / sigma
         return (sample + derivative * (self.sigmas[i + 1] - sigma)).to(out.dtype)
 
 
@@ -157,18 +158,9 @@ class EulerAncestral(Euler):
     """Euler with ancestral sampling (k-diffusion's `sample_euler_ancestral`; AUTOMATIC1111's "Euler a"): each step
     goes down to σ_down by Euler and adds fresh noise of σ_up, with σ_down² + σ_up² = σ_next² (η = 1)."""
 
-    def __init__(self, config: SchedulerConfig, timesteps: torch.Tensor, eta: float = 0.0):
-        # the class has no Karras noise levels and always ends at σ = 0
-        super().__init__(dataclasses.replace(config, use_karras_sigmas=False, final_sigmas_type="zero"), timesteps)
-
     def step(self, i, out, x, generator=None):
-        config, sigma, sigma_next = self.config, self.sigmas[i], self.sigmas[i + 1]
-        sample = x.float()
-        if config.prediction_type == "epsilon":
-            x0 = sample - sigma * out
-        else:  # v_prediction (check_config refuses "sample", as diffusers does)
-            x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
-        self.x0 = x0
+        sigma, sigma_next, sample = self.sigmas[i], self.sigmas[i + 1], x.float()
+        x0 = self.denoise(out, sample, sigma)  # (check_config refuses "sample" prediction here, as diffusers does)
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         x_next = sample + (sample - x0) / sigma * (sigma_down - sigma)
