@@ -56,26 +56,27 @@ def device_option(value: str) -> str:
     return value
 
 
+def _whole_in(value: str, low: int, high: int, kind: str, out_of_range: str) -> int:
+    """An argparse value as a whole number from `low` to `high`: else "VALUE is not {kind}", or
+    "NUMBER {out_of_range}"."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not {kind}") from None
+    if not low <= number <= high:
+        raise argparse.ArgumentTypeError(f"{number} {out_of_range}")
+    return number
+
+
 def side_option(value: str) -> int:
     """--width/--height: whole pixels from 8 to MAX_SIDE (argparse type)."""
-    try:
-        pixels = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of pixels") from None
-    if not 8 <= pixels <= MAX_SIDE:
-        raise argparse.ArgumentTypeError(f"{pixels} pixels: give 8 to {MAX_SIDE} (leave it out for the model's size)")
-    return pixels
+    return _whole_in(value, 8, MAX_SIDE, "a whole number of pixels",
+                     f"pixels: give 8 to {MAX_SIDE} (leave it out for the model's size)")
 
 
 def port_option(value: str) -> int:
     """--port: 1 to 65535 (argparse type)."""
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a TCP port: give 1 to 65535")
-    return port
+    return _whole_in(value, 1, 65535, "a port number", "is not a TCP port: give 1 to 65535")
 
 
 def add_load_options(parser: argparse.ArgumentParser) -> None:

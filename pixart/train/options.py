@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .. import dist
+from ..hardware import available_device
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the numeric options by what they accept (None, where an option allows it, means its default)
@@ -99,9 +100,9 @@ def check_options(o: TrainOptions) -> None:
         raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {o.mixed_precision!r}")
     if o.device is not None:
         try:
-            torch.device(o.device)
-        except RuntimeError:
-            raise ValueError(f"--device {o.device!r} is not a device: write cpu, cuda, cuda:1, mps ...") from None
+            available_device(o.device)
+        except ValueError as e:
+            raise ValueError(f"--device {o.device!r} is not a device this machine has: {e}") from None
     if o.sample_every and not o.sample_prompts:
         raise ValueError("--sample-every needs --sample-prompts 'a prompt' ...")
     if o.sample_every and o.model is None:
