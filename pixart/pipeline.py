@@ -185,9 +185,11 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
         prompt_cache: True (the default folder), a folder or a PromptCache: T5 embeddings of prompts seen before
         are read from disk, and the text encoder is not loaded for them (off by default, as in diffusers).
         """
+        device = device_from(device, device_map)  # checked first: a device this machine lacks is named at once
         torch_dtype = dtype_keyword(torch_dtype, kwargs)
-        auto_dtype = isinstance(torch_dtype, str) and torch_dtype == "auto"
-        dtypes = component_dtypes(None if auto_dtype else torch_dtype)
+        if isinstance(torch_dtype, str) and torch_dtype == "auto":  # the CLI's --dtype auto: bf16 where native
+            torch_dtype = default_dtype(device)
+        dtypes = component_dtypes(torch_dtype)
         torch_dtype = dtypes["default"]
         for name in STABLE_DIFFUSION_ONLY & kwargs.keys():
             logger.warning("%s=%r ignored: PixArt-α pipelines have no %s (a Stable Diffusion option)", name,
@@ -206,10 +208,6 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
         for name in absent_components(folder) & set(wanted):  # saved without it
             given[name] = None
             wanted.remove(name)
-        device = device_from(device, device_map)
-        if auto_dtype:  # as the CLI's --dtype auto: bf16 where the device runs it natively, else fp32
-            dtypes = component_dtypes(default_dtype(device))
-            torch_dtype = dtypes["default"]
         subfolders = component_folders(folder, wanted)
         memory = choose_memory(memory, subfolders, torch_dtype or torch.float32, device)
         load_device = torch.device("cpu") if memory == "offload" else device
@@ -404,14 +402,17 @@ class PixArtAlphaPipeline(ModelPlacement, PromptEncoding, LoraLoaderMixin):
             del transformer, forward, model_fn  # staged: the block's end frees the transformer, before the VAE loads
 
         # 5. Decode and 6. postprocess
-        if output_type == "latent":
-            images = latents
-        else:
-            images = self.decode_latents(latents)
-            if use_resolution_binning and (height, width) != (orig_height, orig_width):
-                images = resize_and_crop_tensor(images, orig_width, orig_height)
-            images = self.image_processor.postprocess(images, output_type=output_type)
+        images = latents if output_type == "latent" else self.latents_to_images(latents, orig_height, orig_width,
+                                                                                 output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def latents_to_images(self, latents: torch.Tensor, height: int, width: int, output_type: str = "pil") -> Any:
+        """Decode latents and bring them to the requested height × width (resized and centre-cropped from the
+        aspect-ratio bin they were made at), as `output_type` images."""
+        images = self.decode_latents(latents)
+        if images.shape[-2:] != (height, width):
+            images = resize_and_crop_tensor(images, width, height)
+        return self.image_processor.postprocess(images, output_type=output_type)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..images import png_info, resize_and_crop_tensor
+from ..images import png_info
 from ..schedulers import sampler_label, with_sampler
 
 logger = logging.getLogger("pixart.serve")
@@ -386,14 +386,8 @@ class Worker:
         except _Stopped as stop:
             if self._closed or not self.interrupted:
                 raise
-            return self._decode(stop.latents, first), {"interrupted": True, "steps_run": stop.steps}
-
-    def _decode(self, latents: torch.Tensor, settings: Settings) -> list:
-        """Latents (a step's x_0 estimate) as PIL images of the requested size (the pipeline's steps 5 and 6)."""
-        images = self.pipe.decode_latents(latents)  # (B, 3, H, W) in [-1, 1]
-        if images.shape[-2:] != (settings.height, settings.width):  # generated at the nearest aspect-ratio bin
-            images = resize_and_crop_tensor(images, settings.width, settings.height)
-        return self.pipe.image_processor.postprocess(images, output_type="pil")
+            images = self.pipe.latents_to_images(stop.latents, first.height, first.width)
+            return images, {"interrupted": True, "steps_run": stop.steps}
 
     def describe(self, settings: Settings) -> dict[str, Any]:
         """A job's settings as the API shows them (and the PNG chunk stores them, with the image's seed)."""
